@@ -1,0 +1,375 @@
+"""RollingQ: a multimodal Transformer whose fusion attention rolls its query.
+
+Reference: H. Ni, Y. Wei, H. Liu, G. Chen, C. Peng, H. Lin, D. Hu, "RollingQ: Reviving the
+Cooperation Dynamics in Multimodal Transformer", ICML 2025, arXiv:2506.11465. The authors'
+code is GeWu-Lab/RollingQ_ICML2025; this file is an independent implementation.
+
+The finding: in attention fusion the CLS query drifts toward the keys of one modality, that
+modality gets most of the attention and so most of the gradient, learns faster, and its keys
+align further with the query. RollingQ breaks this cycle: once per epoch it rotates the CLS
+query onto an anchor between the modalities' mean keys.
+
+Read top to bottom:
+  1. the math, as pure functions: AIR, the anchor, the rotation R;
+  2. the model: one Transformer encoder per modality, a fusion attention layer whose CLS
+     query is R q, a classifier on the CLS output and one linear probe per modality;
+  3. RollingQ, the controller that gathers statistics during training and rolls the query.
+
+Depends on torch only: copy this file into your project.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------
+# 1. The math
+
+
+def modality_cosines(query, key_means):
+    """cos(q, k̄_m) for each modality m: query (..., d), key_means (..., M, d) -> (..., M)."""
+    return F.cosine_similarity(query.unsqueeze(-2), key_means, dim=-1)
+
+
+def modality_leads(cosines):
+    """Each modality's cosine lead over the mean of the others: (..., M) -> (..., M).
+
+    lead_m = c_m - mean_{j != m} c_j. For M = 2, lead_0 = c_0 - c_1 is the paper's AIR.
+    """
+    M = cosines.shape[-1]
+    total = cosines.sum(-1, keepdim=True)
+    return cosines - (total - cosines) / (M - 1)
+
+
+def air_from_cosines(cosines):
+    """AIR from per-modality cosines already averaged over samples: (..., M) -> (...).
+
+    M = 2: c_0 - c_1 (> 0: modality 0 favoured). M > 2: the largest lead (always >= 0).
+    """
+    if cosines.shape[-1] == 2:
+        return cosines[..., 0] - cosines[..., 1]
+    return modality_leads(cosines).max(-1).values
+
+
+def attention_imbalance_rate(query, key_means):
+    """Attention Imbalance Rate over a set of samples (paper, Sec. 3).
+
+    query (N, ..., d): the CLS query of each sample; key_means (N, ..., M, d): the mean key of
+    each modality's tokens for each sample. Returns (...): one AIR per head, say.
+    """
+    # AIR = mean_x [ cos(q, k̄_a(x)) - cos(q, k̄_v(x)) ]
+    return air_from_cosines(modality_cosines(query, key_means).mean(0))
+
+
+def rolling_target(query_mean, key_means, sigma=0.0):
+    """The anchor t the mean query is rolled onto: query_mean (d,), key_means (M, d) -> (d,).
+
+    Paper: alpha = (1 + tanh(-sigma * AIR)) / 2, t = alpha k̂_a + (1 - alpha) k̂_v, |t| = |q̄|.
+    For M modalities the same weights are softmax(-2 sigma c) with c_m = cos(q̄, K̄_m); for
+    M = 2 this is exactly alpha, since (1 + tanh(x)) / 2 = sigmoid(2x). sigma = 0 gives the
+    bisector of the unit mean keys; sigma > 0 leans toward the less-attended modality.
+    """
+    if query_mean.dim() != 1 or key_means.dim() != 2 or key_means.shape[1] != query_mean.shape[0]:
+        raise ValueError(f"rolling_target expects query_mean (d,) and key_means (M, d); "
+                         f"got {tuple(query_mean.shape)} and {tuple(key_means.shape)}")
+    if key_means.shape[0] < 2:
+        raise ValueError(f"rolling_target needs at least 2 modalities, got {key_means.shape[0]}")
+    q = query_mean.double()                                   # (d,)
+    K = key_means.double()                                    # (M, d)
+    if q.norm() == 0 or (K.norm(dim=1) == 0).any():
+        raise ValueError("rolling_target got a zero vector: the query and mean keys must be non-zero")
+    c = modality_cosines(q, K)                                # (M,)
+    # w = softmax(-2 sigma c); for M = 2, w_a = alpha = (1 + tanh(-sigma * AIR)) / 2
+    w = torch.softmax(-2.0 * sigma * c, dim=0)                # (M,)
+    # t = sum_m w_m K̄_m / |K̄_m|, rescaled to |q̄|
+    t = (w[:, None] * F.normalize(K, dim=1)).sum(0)           # (d,)
+    if t.norm() == 0:
+        raise ValueError("rolling_target: the weighted unit mean keys cancel out, there is no anchor")
+    return (t * (q.norm() / t.norm())).to(query_mean.dtype)
+
+
+def rotation_matrix(src, dst):
+    """The proper rotation R (d, d) with R src/|src| = dst/|dst| that is the identity on every
+    vector orthogonal to both: the rotation in the plane span{src, dst}.
+
+    Not the authors' SVD of dst srcᵀ: that also maps src onto dst, but fixes the rest of the
+    space arbitrarily and costs O(d³); the plane rotation is unique and costs O(d²).
+    Computed in float64, returned in src's dtype.
+    """
+    if src.dim() != 1 or src.shape != dst.shape:
+        raise ValueError(f"rotation_matrix expects two vectors of the same length d; "
+                         f"got shapes {tuple(src.shape)} and {tuple(dst.shape)}")
+    d = src.shape[0]
+    if d < 2:
+        raise ValueError(f"rotation_matrix needs d >= 2 to rotate, got d = {d}")
+    x, y = src.double(), dst.double()
+    if x.norm() == 0 or y.norm() == 0:
+        raise ValueError("rotation_matrix got a zero vector: it has no direction to rotate")
+    u = x / x.norm()                                          # (d,) unit source
+    v = y / y.norm()                                          # (d,) unit target
+    c = (u @ v).clamp(-1.0, 1.0)                              # cos of the angle
+    w = v - c * u                                             # (d,) in-plane, orthogonal to u
+    s = w.norm()                                              # sin of the angle
+    eye = torch.eye(d, dtype=torch.float64, device=src.device)
+    if s <= 1e-12:
+        if c > 0:                                             # parallel: nothing to do
+            return eye.to(src.dtype)
+        # antipodal: any plane through u will do; take the axis least aligned with u
+        w = eye[u.abs().argmin()] - u[u.abs().argmin()] * u
+        s = torch.zeros((), dtype=torch.float64, device=src.device)
+        c = -torch.ones((), dtype=torch.float64, device=src.device)
+    w = w - (w @ u) * u                                       # re-orthogonalise against u
+    w = w / w.norm()
+    # R = I + (cos θ - 1)(u uᵀ + w wᵀ) + sin θ (w uᵀ - u wᵀ), so R u = cos θ u + sin θ w = v
+    R = eye + (c - 1) * (torch.outer(u, u) + torch.outer(w, w)) + s * (torch.outer(w, u) - torch.outer(u, w))
+    return R.to(src.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. The model
+
+
+@dataclass
+class Config:
+    modalities: dict                  # name -> (tokens L_m, features D_m), in input order
+    n_classes: int
+    d_model: int = 64                 # width of every encoder and of the fusion layer
+    n_layers: int = 2                 # Transformer blocks per modality encoder
+    n_heads: int = 4                  # heads in the encoder blocks
+    fusion_heads: int = 1             # heads in the fusion attention (paper: 1)
+    fusion: str = "attention"         # "attention" (CLS token attends) or "concat" (static)
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        self.modalities = {str(m): (int(L), int(D)) for m, (L, D) in dict(self.modalities).items()}
+        if len(self.modalities) < 2:
+            raise ValueError(f"a multimodal model needs at least 2 modalities, got {len(self.modalities)}")
+        if any(L < 1 or D < 1 for L, D in self.modalities.values()):
+            raise ValueError(f"every modality needs at least 1 token and 1 feature: {self.modalities}")
+        if self.fusion not in ("attention", "concat"):
+            raise ValueError(f"fusion must be 'attention' or 'concat', got {self.fusion!r}")
+        for name in ("n_heads", "fusion_heads"):
+            if self.d_model % getattr(self, name) != 0:
+                raise ValueError(f"d_model = {self.d_model} must be divisible by {name} = {getattr(self, name)}")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: one fused qkv Linear, SDPA, an output projection."""
+
+    def __init__(self, d_model, n_heads, dropout=0.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def split(self, x):
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads)
+        return qkv.permute(2, 0, 3, 1, 4)                     # 3 x (B, nh, T, hs)
+
+    def merge(self, y):
+        B, nh, T, hs = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs))  # (B, T, C)
+
+    def forward(self, x):                                     # x: (B, T, C)
+        q, k, v = self.split(x)                               # (B, nh, T, hs)
+        p = self.dropout if self.training else 0.0
+        return self.merge(F.scaled_dot_product_attention(q, k, v, dropout_p=p))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block."""
+
+    def __init__(self, d_model, n_heads, dropout=0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(),
+                                 nn.Linear(4 * d_model, d_model), nn.Dropout(dropout))
+
+    def forward(self, x):                                     # (B, T, C) -> (B, T, C)
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class Encoder(nn.Module):
+    """One modality: project its features to d_model, add learned positions, run the blocks."""
+
+    def __init__(self, n_tokens, n_features, cfg):
+        super().__init__()
+        self.embed = nn.Linear(n_features, cfg.d_model)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, n_tokens, cfg.d_model))
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x):                                     # (B, L, D) -> (B, L, C)
+        x = self.embed(x) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class FusionAttention(Attention):
+    """Attention over [CLS; tokens of modality 1; ...; tokens of modality M] whose CLS query
+    is rotated: row 0 of the queries is R q, every other row is left alone.
+
+    R (nh, hs, hs), one rotation per head in its own subspace, and the number of rolls are
+    buffers: they are in state_dict(), never trained, and a reloaded model keeps its rotation.
+    (The authors' code keeps the roll counter outside the state dict.)
+    """
+
+    def __init__(self, d_model, n_heads, spans, dropout=0.0):
+        super().__init__(d_model, n_heads, dropout)
+        self.spans = spans                                    # [(start, end)] of each modality's tokens
+        hs = d_model // n_heads
+        self.register_buffer("R", torch.eye(hs).repeat(n_heads, 1, 1))   # (nh, hs, hs)
+        self.register_buffer("rolls", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def roll(self, R_new, heads):
+        """Compose a new rotation into the chosen heads: R <- R_new R (in float64)."""
+        for h in heads:
+            self.R[h] = (R_new[h].double() @ self.R[h].double()).to(self.R.dtype)
+        self.rolls += 1
+
+    def forward(self, x, stats=False, attention=False):       # x: (B, T, C), T = 1 + sum L_m
+        q, k, v = self.split(x)                               # (B, nh, T, hs)
+        # RollingQ: the CLS query becomes R q; as a row vector, (R q)ᵀ = qᵀ Rᵀ
+        q_cls = q[:, :, :1] @ self.R.transpose(-1, -2).to(q.dtype)  # (B, nh, 1, hs)
+        q = torch.cat([q_cls, q[:, :, 1:]], dim=2)            # (B, nh, T, hs)
+        extra = {}
+        if attention:
+            # the plain math, materialised only when the analysis asks for the weights
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, nh, T, T)
+            att = att.softmax(dim=-1)
+            y = att @ v                                       # (B, nh, T, hs)
+            # CLS attention mass on each modality's tokens
+            extra["attention"] = torch.stack([att[:, :, 0, a:b].sum(-1) for a, b in self.spans], -1)  # (B, nh, M)
+        else:
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, nh, T, hs)
+        if stats:
+            extra["query"] = q_cls[:, :, 0]                   # (B, nh, hs), the query in use: R q
+            extra["key_means"] = torch.stack([k[:, :, a:b].mean(2) for a, b in self.spans], 2)  # (B, nh, M, hs)
+        return self.merge(y), extra
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor                                      # (B, n_classes)
+    probe_logits: list                                        # M x (B, n_classes), on detached features
+    query: Optional[torch.Tensor] = None                      # (B, nh, hs) CLS query R q, if stats
+    key_means: Optional[torch.Tensor] = None                  # (B, nh, M, hs) mean key per modality, if stats
+    attention: Optional[torch.Tensor] = None                  # (B, nh, M) CLS attention mass, if attention
+
+
+class MultimodalTransformer(nn.Module):
+    """Encoders per modality, then fusion: a learned CLS token attends over all tokens in one
+    attention layer (or, with fusion="concat", the mean-pooled features are concatenated);
+    a linear classifier on the fused feature, and one linear probe per modality on the
+    detached pooled encoder output, which measures that modality's feature quality without
+    changing training."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        C, M = cfg.d_model, len(cfg.modalities)
+        self.encoders = nn.ModuleList(Encoder(L, D, cfg) for L, D in cfg.modalities.values())
+        self.probes = nn.ModuleList(nn.Linear(C, cfg.n_classes) for _ in range(M))
+        if cfg.fusion == "attention":
+            spans, start = [], 1
+            for L, _ in cfg.modalities.values():
+                spans.append((start, start + L))
+                start += L
+            self.cls = nn.Parameter(0.02 * torch.randn(1, 1, C))
+            self.ln = nn.LayerNorm(C)
+            self.fusion = FusionAttention(C, cfg.fusion_heads, spans, cfg.dropout)
+            self.ln_f = nn.LayerNorm(C)
+            self.head = nn.Linear(C, cfg.n_classes)
+        else:
+            self.head = nn.Linear(M * C, cfg.n_classes)
+
+    def forward(self, xs, stats=False, attention=False):
+        """xs: one tensor (B, L_m, D_m) per modality, in cfg.modalities order."""
+        if len(xs) != len(self.encoders):
+            raise ValueError(f"expected {len(self.encoders)} modality tensors, got {len(xs)}")
+        zs = [enc(x) for enc, x in zip(self.encoders, xs)]   # M x (B, L_m, C)
+        pooled = [z.mean(1) for z in zs]                      # M x (B, C)
+        probe_logits = [probe(p.detach()) for probe, p in zip(self.probes, pooled)]
+        if self.cfg.fusion == "concat":
+            return Output(self.head(torch.cat(pooled, -1)), probe_logits)
+        x = torch.cat([self.cls.expand(zs[0].shape[0], -1, -1)] + zs, 1)   # (B, T, C)
+        y, extra = self.fusion(self.ln(x), stats=stats, attention=attention)
+        x = x + y                                             # (B, T, C)
+        logits = self.head(self.ln_f(x[:, 0]))                # (B, n_classes)
+        return Output(logits, probe_logits, **extra)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. The controller
+
+
+class RollingQ:
+    """Rolls the CLS query of a MultimodalTransformer's fusion layer (paper, Algorithm 1).
+
+    During training, pass every forward output made with stats=True to observe(): it sums the
+    CLS query, the mean key of each modality and their cosines, so no extra pass over the data
+    is needed. At the end of each epoch step() does, per fusion head:
+      1. AIR over the epoch's samples; nothing if |AIR| <= beta or max_rolls is reached;
+      2. t = rolling_target(q̄, K̄, sigma), the anchor;
+      3. R_new = rotation_matrix(q̄, t), composed as R <- R_new R.
+    (The authors take AIR from the last batch and the means from an extra pass over the
+    training set; we use the statistics of the forward passes training already makes.)
+    Under torch.distributed the sums are all-reduced, so every rank rolls identically.
+    """
+
+    def __init__(self, beta=0.0, sigma=0.0, max_rolls=1):
+        if beta < 0 or sigma < 0 or max_rolls < 0:
+            raise ValueError(f"RollingQ needs beta, sigma, max_rolls >= 0; got {beta}, {sigma}, {max_rolls}")
+        self.beta, self.sigma, self.max_rolls = beta, sigma, max_rolls
+        self.reset()
+
+    def reset(self):
+        self.sums = None                                      # [n, Σq, ΣK̄, Σcos]
+
+    @torch.no_grad()
+    def observe(self, out: Output):
+        if out.query is None or out.key_means is None:
+            raise ValueError("RollingQ.observe needs the output of model(xs, stats=True)")
+        q, K = out.query.float(), out.key_means.float()      # (B, nh, hs), (B, nh, M, hs)
+        batch = [torch.tensor(float(q.shape[0]), device=q.device), q.sum(0), K.sum(0),
+                 modality_cosines(q, K).sum(0)]               # (), (nh, hs), (nh, M, hs), (nh, M)
+        self.sums = batch if self.sums is None else [s + b for s, b in zip(self.sums, batch)]
+
+    def _gathered(self):
+        flat = torch.cat([s.reshape(-1) for s in self.sums])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flat)
+        parts = flat.split([s.numel() for s in self.sums])
+        n, q, K, c = (p.view_as(s) for p, s in zip(parts, self.sums))
+        return q / n, K / n, c / n
+
+    @torch.no_grad()
+    def step(self, model):
+        """End of epoch: roll where the condition holds. Returns a record of what it did."""
+        if self.sums is None:
+            raise ValueError("RollingQ.step: observe() saw no batch since the last step")
+        fusion = model.fusion
+        q_mean, K_mean, cos = self._gathered()                # (nh, hs), (nh, M, hs), (nh, M)
+        air = air_from_cosines(cos)                           # (nh,)
+        heads = []
+        if int(fusion.rolls) < self.max_rolls:
+            heads = [h for h in range(len(air)) if abs(float(air[h])) > self.beta]
+        if heads:
+            R_new = torch.stack([rotation_matrix(q_mean[h], rolling_target(q_mean[h], K_mean[h], self.sigma))
+                                 if h in heads else torch.eye(q_mean.shape[1], device=q_mean.device)
+                                 for h in range(len(air))])  # (nh, hs, hs)
+            fusion.roll(R_new, heads)
+        self.reset()
+        return {"air": air.tolist(), "rolled": bool(heads), "rolls": int(fusion.rolls), "heads": heads}
