@@ -1,0 +1,172 @@
+"""Data in, tensors out: built-in synthetic multimodal data, and real features from one .npz.
+
+Both give a `Data`: per modality a float32 tensor (N, L_m, D_m) for train and test, and
+integer labels (N,). Bad input raises DataError with a one-line message a user can act on.
+"""
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message says what was wrong and what was expected."""
+
+
+@dataclass
+class Data:
+    names: list                       # modality names, in input order
+    train_x: list                     # M x (N_train, L_m, D_m) float32
+    train_y: torch.Tensor             # (N_train,) int64 in 0..n_classes-1
+    test_x: list                      # M x (N_test, L_m, D_m) float32
+    test_y: torch.Tensor              # (N_test,)
+    n_classes: int
+
+    @property
+    def modalities(self):
+        """name -> (tokens L_m, features D_m), as rollingq.Config takes it."""
+        return {m: tuple(x.shape[1:]) for m, x in zip(self.names, self.train_x)}
+
+
+# ----------------------------------------------------------------------------------------
+# Built-in synthetic data
+
+
+@dataclass
+class Modality:
+    """One synthetic modality. Its tokens are `signal` * (class prototype) + N(0, 1) noise;
+    for a fraction `corrupt` of the samples it carries no class signal at all (pure noise), so
+    the best fusion differs from sample to sample."""
+    name: str
+    tokens: int                       # L: tokens per sample
+    features: int                     # D: features per token
+    signal: float                     # class-signal amplitude; the larger, the faster it is learned
+    corrupt: float                    # probability that a sample's copy of this modality is pure noise
+    vector: bool = False              # give it as one (N, D) vector instead of tokens (npz export only)
+
+
+# The default: audio strong (learned first), visual weaker but informative; each is pure
+# noise on a quarter of the samples, never both on the same sample.
+DEFAULT_MODALITIES = (Modality("audio", 8, 16, 0.5, 0.25), Modality("visual", 8, 16, 0.15, 0.25))
+
+
+def synthetic(seed=0, n_train=4000, n_test=2000, n_classes=8, modalities=DEFAULT_MODALITIES):
+    """Make a synthetic multimodal classification set in memory from a seed."""
+    if len(modalities) < 2:
+        raise DataError(f"synthetic data needs at least 2 modalities, got {len(modalities)}")
+    g = np.random.default_rng(seed)
+    n = n_train + n_test
+    y = g.integers(0, n_classes, n)                                   # (N,)
+    M = len(modalities)
+    corrupt = g.random((n, M)) < np.array([m.corrupt for m in modalities])   # (N, M)
+    # a sample keeps at least one informative modality
+    all_bad = corrupt.all(1)
+    corrupt[all_bad, g.integers(0, M, all_bad.sum())] = False
+    xs = []
+    for j, m in enumerate(modalities):
+        prototypes = g.standard_normal((n_classes, m.tokens, m.features))  # (C, L, D)
+        clean = ~corrupt[:, j, None, None]                                  # (N, 1, 1)
+        x = m.signal * prototypes[y] * clean + g.standard_normal((n, m.tokens, m.features))
+        xs.append(torch.from_numpy(x.astype(np.float32)))                 # (N, L, D)
+    y = torch.from_numpy(y)
+    return Data([m.name for m in modalities], [x[:n_train] for x in xs], y[:n_train],
+                [x[n_train:] for x in xs], y[n_train:], n_classes)
+
+
+def save_npz(data, path, vectors=()):
+    """Write data in the .npz format load_npz reads; modalities named in `vectors` are saved
+    as (N, L*D) vectors (one token each)."""
+    arrays = {"train_y": data.train_y.numpy(), "test_y": data.test_y.numpy()}
+    for m, tr, te in zip(data.names, data.train_x, data.test_x):
+        if m in vectors:
+            tr, te = tr.flatten(1), te.flatten(1)
+        arrays[f"train_{m}"], arrays[f"test_{m}"] = tr.numpy(), te.numpy()
+    np.savez(path, **arrays)
+
+
+# ----------------------------------------------------------------------------------------
+# Real features from .npz
+
+
+def load_npz(path):
+    """Read train_y, test_y and, per modality m, train_<m> and test_<m> from one .npz file.
+
+    Features are float arrays (N, L_m, D_m), or (N, D_m) taken as one token; labels are
+    integers 0..C-1. Anything else raises DataError saying what was wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such file: {path}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is not a .npz file (expected numpy.savez output): {e}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} holds a single array, not a .npz archive of train_*/test_* arrays")
+    arrays = {}
+    with archive:
+        for key in archive.files:
+            try:
+                arrays[key] = archive[key]
+            except ValueError:
+                raise DataError(f"{path}: array {key!r} holds Python objects; "
+                                f"save plain numeric arrays (loaded with allow_pickle=False)") from None
+    for key in ("train_y", "test_y"):
+        if key not in arrays:
+            raise DataError(f"{path} has no {key!r}: expected integer labels train_y and test_y")
+    for key in arrays:
+        if not key.startswith(("train_", "test_")):
+            raise DataError(f"{path}: unexpected array {key!r}; expected train_y, test_y, train_<m>, test_<m>")
+    names = [k[len("train_"):] for k in arrays if k.startswith("train_") and k != "train_y"]
+    for key in arrays:
+        split, m = key.split("_", 1)
+        other = ("test_" if split == "train" else "train_") + m
+        if other not in arrays:
+            raise DataError(f"{path}: {key!r} has no matching {other!r}")
+    if len(names) < 2:
+        raise DataError(f"{path} has {len(names)} modality ({names}); expected at least 2 "
+                        f"(train_<m> and test_<m> for each)")
+
+    ys = {}
+    for split in ("train", "test"):
+        y = arrays[f"{split}_y"]
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise DataError(f"{path}: {split}_y must be a 1-D array of integer labels, "
+                            f"got shape {y.shape} dtype {y.dtype}")
+        if len(y) == 0:
+            raise DataError(f"{path}: the {split} split is empty")
+        ys[split] = y.astype(np.int64)
+    n_classes = int(ys["train"].max()) + 1
+    for split, y in ys.items():
+        if y.min() < 0 or y.max() >= n_classes:
+            raise DataError(f"{path}: {split}_y has labels outside 0..{n_classes - 1} "
+                            f"(the range train_y covers): min {y.min()}, max {y.max()}")
+
+    xs = {"train": [], "test": []}
+    for m in names:
+        shapes = {}
+        for split in ("train", "test"):
+            key = f"{split}_{m}"
+            x = arrays[key]
+            if x.dtype.kind not in "fiu":
+                raise DataError(f"{path}: {key} must hold numbers, got dtype {x.dtype}")
+            if x.ndim == 2:
+                x = x[:, None, :]                                     # (N, D) -> (N, 1, D)
+            if x.ndim != 3:
+                raise DataError(f"{path}: {key} must be (N, L, D) or (N, D), got shape {x.shape}")
+            if len(x) != len(ys[split]):
+                raise DataError(f"{path}: {key} has {len(x)} samples but {split}_y has {len(ys[split])}")
+            if 0 in x.shape[1:]:
+                raise DataError(f"{path}: {key} has no tokens or no features: shape {x.shape}")
+            if not np.isfinite(x).all():
+                raise DataError(f"{path}: {key} contains NaN or inf")
+            shapes[split] = x.shape[1:]
+            xs[split].append(torch.from_numpy(x.astype(np.float32)))
+        if shapes["train"] != shapes["test"]:
+            raise DataError(f"{path}: modality {m!r} has (L, D) = {shapes['train']} in train "
+                            f"but {shapes['test']} in test")
+    return Data(names, xs["train"], torch.from_numpy(ys["train"]), xs["test"],
+                torch.from_numpy(ys["test"]), n_classes)

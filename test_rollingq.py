@@ -1,0 +1,304 @@
+"""Specification of rollingq.py: the rotation, the anchor, AIR, the model and the controller."""
+
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rollingq import (Config, MultimodalTransformer, RollingQ, air_from_cosines, attention_imbalance_rate,
+                      modality_cosines, modality_leads, rolling_target, rotation_matrix)
+
+settings.register_profile("default", deadline=None, max_examples=40)
+settings.load_profile("default")
+
+dims = st.integers(2, 1024)
+seeds = st.integers(0, 2**31 - 1)
+dtypes = st.sampled_from([torch.float32, torch.float64])
+
+
+def vectors(seed, d, n=2, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(d, generator=g, dtype=torch.float64).to(dtype) for _ in range(n)]
+
+
+def tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 1e-10
+
+
+# ----------------------------------------------------------------------------------------
+# rotation_matrix
+
+
+@given(d=dims, seed=seeds, dtype=dtypes)
+def test_rotation_is_orthogonal_with_det_plus_one(d, seed, dtype):
+    src, dst = vectors(seed, d, dtype=dtype)
+    R = rotation_matrix(src, dst)
+    assert R.dtype == dtype and R.shape == (d, d)
+    eye = torch.eye(d, dtype=torch.float64)
+    assert torch.allclose(R.double() @ R.double().T, eye, atol=tol(dtype))
+    sign, logdet = torch.linalg.slogdet(R.double())
+    assert sign == 1 and abs(float(logdet)) < 1e-4
+
+
+@given(d=dims, seed=seeds, dtype=dtypes)
+def test_rotation_maps_src_direction_onto_dst_direction(d, seed, dtype):
+    src, dst = vectors(seed, d, dtype=dtype)
+    R = rotation_matrix(src, dst)
+    mapped = R.double() @ (src.double() / src.double().norm())
+    assert torch.allclose(mapped, dst.double() / dst.double().norm(), atol=tol(dtype))
+
+
+@given(d=dims, seed=seeds, dtype=dtypes)
+def test_rotation_preserves_norms(d, seed, dtype):
+    src, dst, x = vectors(seed, d, n=3, dtype=dtype)
+    R = rotation_matrix(src, dst)
+    assert math.isclose(float((R.double() @ x.double()).norm()), float(x.double().norm()), rel_tol=tol(dtype))
+
+
+@given(d=st.integers(3, 1024), seed=seeds, dtype=dtypes)
+def test_rotation_is_identity_off_the_plane_of_src_and_dst(d, seed, dtype):
+    src, dst, z = vectors(seed, d, n=3)
+    basis, _ = torch.linalg.qr(torch.stack([src, dst], 1))       # (d, 2) orthonormal basis of the plane
+    z = z - basis @ (basis.T @ z)                                # z orthogonal to src and dst
+    R = rotation_matrix(src.to(dtype), dst.to(dtype))
+    assert torch.allclose(R.double() @ z, z, atol=tol(dtype) * z.norm())
+
+
+@given(d=dims, seed=seeds, dtype=dtypes)
+def test_rotation_back_is_the_transpose(d, seed, dtype):
+    src, dst = vectors(seed, d, dtype=dtype)
+    assert torch.allclose(rotation_matrix(dst, src), rotation_matrix(src, dst).T, atol=tol(dtype))
+
+
+@given(d=dims, seed=seeds, scale=st.floats(1e-3, 1e3), dtype=dtypes)
+def test_parallel_vectors_give_the_identity(d, seed, scale, dtype):
+    (src,) = vectors(seed, d, n=1, dtype=dtype)
+    assert torch.allclose(rotation_matrix(src, scale * src), torch.eye(d, dtype=dtype), atol=tol(dtype))
+
+
+@given(d=dims, seed=seeds, scale=st.floats(1e-3, 1e3), dtype=dtypes)
+def test_antipodal_vectors_give_a_valid_half_turn(d, seed, scale, dtype):
+    (src,) = vectors(seed, d, n=1, dtype=dtype)
+    R = rotation_matrix(src, -scale * src).double()
+    u = src.double() / src.double().norm()
+    assert torch.allclose(R @ u, -u, atol=tol(dtype))
+    assert torch.allclose(R @ R.T, torch.eye(d, dtype=torch.float64), atol=tol(dtype))
+    assert torch.linalg.slogdet(R).sign == 1
+
+
+def test_ten_thousand_composed_rolls_stay_orthogonal():
+    cfg = Config({"a": (2, 3), "v": (2, 3)}, 2, d_model=16, n_heads=1)
+    fusion = MultimodalTransformer(cfg).fusion
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10_000):
+        src, dst = torch.randn(2, 16, generator=g)
+        fusion.roll(rotation_matrix(src, dst)[None], heads=[0])
+    R = fusion.R[0].double()
+    assert fusion.R.dtype == torch.float32 and int(fusion.rolls) == 10_000
+    assert (R @ R.T - torch.eye(16, dtype=torch.float64)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("src, dst, message", [
+    (torch.zeros(4), torch.ones(4), "zero vector"),
+    (torch.ones(4), torch.zeros(4), "zero vector"),
+    (torch.ones(1), torch.ones(1), "d >= 2"),
+    (torch.ones(3), torch.ones(4), "same length"),
+    (torch.ones(2, 2), torch.ones(2, 2), "same length"),
+])
+def test_rotation_rejects_bad_arguments(src, dst, message):
+    with pytest.raises(ValueError, match=message):
+        rotation_matrix(src, dst)
+
+
+# ----------------------------------------------------------------------------------------
+# AIR and the anchor
+
+
+def mean_stats(seed, d, M=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d, generator=g, dtype=torch.float64), torch.randn(M, d, generator=g, dtype=torch.float64)
+
+
+@given(d=st.integers(2, 256), seed=seeds)
+def test_sigma_zero_roll_leaves_the_mean_query_equally_close_to_both_modalities(d, seed):
+    q, K = mean_stats(seed, d)
+    q_rolled = rotation_matrix(q, rolling_target(q, K, sigma=0.0)) @ q
+    c = modality_cosines(q_rolled, K)
+    assert abs(float(c[0] - c[1])) < 1e-9                      # AIR of the mean query is 0
+    assert math.isclose(float(q_rolled.norm()), float(q.norm()), rel_tol=1e-9)
+
+
+@given(d=st.integers(2, 256), seed=seeds, sigma=st.floats(0, 20))
+def test_a_roll_never_widens_the_favoured_modality_lead(d, seed, sigma):
+    q, K = mean_stats(seed, d)
+    before = float(air_from_cosines(modality_cosines(q, K)))
+    q_rolled = rotation_matrix(q, rolling_target(q, K, sigma)) @ q
+    after = float(air_from_cosines(modality_cosines(q_rolled, K)))
+    assert after * before <= 1e-12 or abs(after) <= abs(before) + 1e-12
+
+
+@given(d=st.integers(2, 256), seed=seeds, sigma=st.floats(0, 20))
+def test_rolling_target_is_the_papers_tanh_anchor_for_two_modalities(d, seed, sigma):
+    q, K = mean_stats(seed, d)
+    k_a, k_v = K[0] / K[0].norm(), K[1] / K[1].norm()
+    air = float(modality_cosines(q, K)[0] - modality_cosines(q, K)[1])
+    alpha = (1 + math.tanh(-sigma * air)) / 2
+    t = alpha * k_a + (1 - alpha) * k_v
+    expected = t / t.norm() * q.norm()
+    assert torch.allclose(rolling_target(q, K, sigma), expected, atol=1e-9)
+
+
+@given(M=st.integers(2, 6), d=st.integers(2, 64), seed=seeds)
+def test_modality_leads_sum_to_zero_and_reduce_to_air_for_two(M, d, seed):
+    q, K = mean_stats(seed, d, M)
+    c = modality_cosines(q, K)                                  # (M,)
+    leads = modality_leads(c)
+    assert abs(float(leads.sum())) < 1e-9
+    if M == 2:
+        assert math.isclose(float(leads[0]), float(air_from_cosines(c)), abs_tol=1e-12)
+    else:
+        assert float(air_from_cosines(c)) >= 0
+
+
+def test_air_is_the_mean_over_samples_of_the_cosine_difference():
+    g = torch.Generator().manual_seed(0)
+    q, K = torch.randn(50, 8, generator=g), torch.randn(50, 2, 8, generator=g)   # (N, d), (N, M, d)
+    per_sample = [torch.cosine_similarity(q[i], K[i, 0], 0) - torch.cosine_similarity(q[i], K[i, 1], 0)
+                  for i in range(50)]
+    assert math.isclose(float(attention_imbalance_rate(q, K)), float(sum(per_sample) / 50), abs_tol=1e-6)
+
+
+def test_rolling_target_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"\(M, d\)"):
+        rolling_target(torch.ones(3), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="at least 2 modalities"):
+        rolling_target(torch.ones(3), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="zero vector"):
+        rolling_target(torch.zeros(3), torch.ones(2, 3))
+
+
+# ----------------------------------------------------------------------------------------
+# The model and the controller
+
+MODALITIES = {"audio": (5, 7), "visual": (3, 4), "text": (1, 6)}
+
+
+def tiny_model(heads=1, seed=0, modalities=MODALITIES):
+    torch.manual_seed(seed)
+    return MultimodalTransformer(Config(modalities, 4, d_model=16, n_layers=1, fusion_heads=heads))
+
+
+def batch(seed, n=12, modalities=MODALITIES):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, L, D, generator=g) for L, D in modalities.values()]
+
+
+@given(heads=st.sampled_from([1, 2, 4]), seed=seeds)
+def test_the_rotation_touches_only_the_cls_query(heads, seed):
+    model = tiny_model(heads).eval()
+    x = torch.randn(6, 10, 16, generator=torch.Generator().manual_seed(seed))   # (B, T, C)
+    plain, _ = model.fusion(x)
+    g = torch.Generator().manual_seed(seed + 1)
+    hs = 16 // heads
+    model.fusion.roll(torch.stack([rotation_matrix(*torch.randn(2, hs, generator=g)) for _ in range(heads)]),
+                      heads=range(heads))
+    rolled, _ = model.fusion(x)
+    assert torch.equal(rolled[:, 1:], plain[:, 1:])             # every other token: bit for bit
+    assert not torch.allclose(rolled[:, 0], plain[:, 0])        # the CLS output did change
+
+
+def test_model_reports_attention_query_and_key_means_on_request():
+    model = tiny_model(heads=2).eval()
+    out = model(batch(0), stats=True, attention=True)
+    assert out.logits.shape == (12, 4) and len(out.probe_logits) == 3
+    assert out.query.shape == (12, 2, 8) and out.key_means.shape == (12, 2, 3, 8)
+    assert out.attention.shape == (12, 2, 3)
+    assert bool((out.attention.sum(-1) < 1).all())              # the rest is on the CLS token itself
+    plain = model(batch(0))
+    assert plain.query is None and plain.attention is None
+    assert torch.allclose(plain.logits, out.logits, atol=1e-5)  # SDPA and the plain math agree
+
+
+def test_a_sigma_zero_roll_balances_the_observed_mean_query():
+    model = tiny_model(heads=2, modalities={"audio": (5, 7), "visual": (3, 4)}).eval()
+    xs = batch(1, modalities={"audio": (5, 7), "visual": (3, 4)})
+    controller = RollingQ(beta=0.0, sigma=0.0, max_rolls=1)
+    controller.observe(model(xs, stats=True))
+    record = controller.step(model)
+    assert record["rolled"] and record["rolls"] == 1 and record["heads"] == [0, 1]
+    out = model(xs, stats=True)
+    c = modality_cosines(out.query.mean(0), out.key_means.mean(0))   # (nh, M)
+    assert torch.allclose(c[:, 0], c[:, 1], atol=1e-5)
+
+
+def test_roll_condition_respects_beta_and_max_rolls():
+    model = tiny_model().eval()
+    xs = batch(2)
+    controller = RollingQ(beta=10.0)                            # |AIR| <= 2 < beta: never rolls
+    controller.observe(model(xs, stats=True))
+    assert controller.step(model)["rolled"] is False
+    controller = RollingQ(beta=0.0, max_rolls=2)
+    records = []
+    for _ in range(4):
+        controller.observe(model(xs, stats=True))
+        records.append(controller.step(model))
+    assert [r["rolled"] for r in records] == [True, True, False, False]
+    assert int(model.fusion.rolls) == 2
+
+
+def test_heads_roll_independently():
+    model = tiny_model(heads=2).eval()
+    xs = batch(3)
+    with torch.no_grad():
+        out = model(xs, stats=True)
+    air = attention_imbalance_rate(out.query, out.key_means)     # (nh,)
+    beta = float(air.abs().mean())                               # between the two heads' |AIR|
+    if air[0].abs() == air[1].abs():
+        pytest.skip("both heads have the same |AIR|")
+    controller = RollingQ(beta=beta)
+    controller.observe(out)
+    record = controller.step(model)
+    rolled = [h for h in range(2) if abs(float(air[h])) > beta]
+    assert record["heads"] == rolled and len(rolled) == 1
+    still = 1 - rolled[0]
+    assert torch.equal(model.fusion.R[still], torch.eye(8))
+    assert not torch.equal(model.fusion.R[rolled[0]], torch.eye(8))
+
+
+def test_state_dict_round_trip_of_a_rolled_model_is_exact():
+    model = tiny_model(heads=2).eval()
+    xs = batch(4)
+    controller = RollingQ()
+    controller.observe(model(xs, stats=True))
+    controller.step(model)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    reloaded = tiny_model(heads=2, seed=1).eval()               # other initial weights
+    reloaded.load_state_dict(torch.load(buffer, weights_only=True))
+    assert int(reloaded.fusion.rolls) == 1
+    assert torch.equal(reloaded(xs).logits, model(xs).logits)
+
+
+def test_controller_and_model_reject_bad_arguments():
+    with pytest.raises(ValueError, match=">= 0"):
+        RollingQ(beta=-1)
+    with pytest.raises(ValueError, match="observe"):
+        RollingQ().step(tiny_model())
+    with pytest.raises(ValueError, match="stats=True"):
+        RollingQ().observe(tiny_model()(batch(0)))
+    with pytest.raises(ValueError, match="at least 2 modalities"):
+        Config({"audio": (2, 3)}, 2)
+    with pytest.raises(ValueError, match="divisible"):
+        Config(MODALITIES, 2, d_model=10, n_heads=4)
+    with pytest.raises(ValueError, match="3 modality tensors"):
+        tiny_model()(batch(0)[:2])
+
+
+def test_concat_fusion_has_no_attention_layer():
+    model = MultimodalTransformer(Config(MODALITIES, 4, d_model=16, n_layers=1, fusion="concat"))
+    assert not hasattr(model, "fusion")
+    assert model(batch(0)).logits.shape == (12, 4)

@@ -1,0 +1,395 @@
+"""Train a multimodal Transformer with or without RollingQ and measure the fusion cycle.
+
+    python train.py --rollingq                 # RollingQ on the built-in synthetic data
+    python train.py                            # vanilla attention fusion, same data
+    python train.py --compare --seeds 5        # vanilla, concat and RollingQ: README's table
+    python train.py --data feats.npz --rollingq --out runs/mine --save runs/mine/model.pt
+    torchrun --nproc_per_node=2 train.py --rollingq     # DistributedDataParallel
+
+Each epoch prints one line; --out DIR writes DIR/metrics.json (see README).
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data as datasets
+from rollingq import Config, MultimodalTransformer, RollingQ, air_from_cosines, modality_cosines
+
+
+class UsageError(Exception):
+    """A bad argument or file: reported in one line, exit status 2."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train a multimodal Transformer with attention fusion, with or without RollingQ "
+                    "(Ni et al., ICML 2025), and report accuracy, AIR and attention shares.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("method")
+    g.add_argument("--rollingq", action="store_true", help="roll the CLS query (off: vanilla attention fusion)")
+    g.add_argument("--fusion", choices=["attention", "concat"], default="attention",
+                   help="attention: CLS token attends over all tokens; concat: the static baseline")
+    g.add_argument("--beta", type=float, default=0.0, help="roll only when |AIR| > beta")
+    g.add_argument("--sigma", type=float, default=0.0, help="anchor lean toward the weaker modality (0: bisector)")
+    g.add_argument("--max-rolls", type=int, default=1, help="roll at most this many times in a run")
+    g = p.add_argument_group("model and training")
+    g.add_argument("--data", metavar="PATH.npz", help="real features (see README); default: built-in synthetic data")
+    g.add_argument("--epochs", type=int, default=15)
+    g.add_argument("--batch-size", type=int, default=64, help="global batch size (split across ranks)")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--width", type=int, default=64, help="model width d_model")
+    g.add_argument("--layers", type=int, default=2, help="Transformer blocks per modality encoder")
+    g.add_argument("--heads", type=int, default=1, help="fusion attention heads (the paper uses 1)")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, batch order and noise")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g = p.add_argument_group("files")
+    g.add_argument("--out", metavar="DIR", help="write DIR/metrics.json")
+    g.add_argument("--save", metavar="PATH", help="save the trained model (config + state_dict)")
+    g.add_argument("--load", metavar="PATH", help="start from a saved model")
+    g.add_argument("--eval-only", action="store_true", help="with --load: evaluate only, no training")
+    g = p.add_argument_group("modes")
+    g.add_argument("--compare", action="store_true",
+                   help="run vanilla attention, concat and RollingQ over --seeds seeds; print a markdown table")
+    g.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for --compare")
+    g.add_argument("--plot", metavar="PNG", help="with --compare: draw AIR per epoch and attention shares "
+                                                 "(needs matplotlib)")
+    args = p.parse_args(argv)
+    positive = ("epochs", "batch_size", "lr", "width", "layers", "heads", "seeds")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.beta < 0 or args.sigma < 0 or args.max_rolls < 0:
+        raise UsageError("--beta, --sigma and --max-rolls must be >= 0")
+    if args.eval_only and not args.load:
+        raise UsageError("--eval-only needs --load PATH (a model saved with --save)")
+    if args.rollingq and args.fusion == "concat":
+        raise UsageError("--rollingq rolls the fusion attention's query; it needs --fusion attention")
+    if args.width % args.heads or args.width % 4:
+        raise UsageError(f"--width {args.width} must be divisible by --heads {args.heads} and by 4 (encoder heads)")
+    return args
+
+
+def get_device(name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation
+
+
+def noise_like(x, generator):
+    """Gaussian noise with the per-position mean and std of x over samples: (N, L, D)."""
+    mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True)          # (1, L, D)
+    z = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
+    return mean + std * z
+
+
+@torch.no_grad()
+def evaluate(model, xs, y, batch_size=512):
+    """Accuracy, probe accuracy per modality and, for attention fusion, the CLS attention
+    share per modality, AIR and the key gap, over the whole set."""
+    model.eval()
+    attention_fusion = model.cfg.fusion == "attention"
+    correct, probe_correct, shares, cos, queries, keys = 0, 0, 0, 0, 0, 0
+    for i in range(0, len(y), batch_size):
+        out = model([x[i:i + batch_size] for x in xs], stats=attention_fusion, attention=attention_fusion)
+        yb = y[i:i + batch_size]
+        correct += (out.logits.argmax(-1) == yb).sum()
+        probe_correct += torch.stack([(p.argmax(-1) == yb).sum() for p in out.probe_logits])   # (M,)
+        if attention_fusion:
+            mass = out.attention.float()                                  # (B, nh, M)
+            shares += (mass / mass.sum(-1, keepdim=True)).mean(1).sum(0)  # (M,) share among modalities
+            q, K = out.query.float(), out.key_means.float()               # (B, nh, hs), (B, nh, M, hs)
+            cos += modality_cosines(q, K).sum(0)                          # (nh, M)
+            queries, keys = queries + q.sum(0), keys + K.sum(0)
+    model.train()
+    n, names = len(y), list(model.cfg.modalities)
+    result = {"acc": float(correct) / n,
+              "probe_acc": {m: float(c) / n for m, c in zip(names, probe_correct)}}
+    if attention_fusion:
+        result["attention"] = {m: float(s) / n for m, s in zip(names, shares)}
+        # AIR, per head, averaged over heads (one head in the paper)
+        result["air"] = float(air_from_cosines(cos / n).mean())
+        result["key_gap"] = key_gap(keys / n)
+    return result
+
+
+def key_gap(key_means):
+    """Key gap: 1 - cos between the mean keys of two modalities, averaged over pairs and heads.
+
+    key_means (nh, M, hs). 0 when the modalities' keys point the same way; up to 2.
+    """
+    K = F.normalize(key_means, dim=-1)                                    # (nh, M, hs)
+    sim = K @ K.transpose(-1, -2)                                         # (nh, M, M)
+    M = sim.shape[-1]
+    pairs = torch.triu_indices(M, M, offset=1)
+    return float((1 - sim[:, pairs[0], pairs[1]]).mean())
+
+
+def final_evaluation(model, data, device, seed):
+    """Clean test set, then each modality in turn replaced by Gaussian noise."""
+    g = torch.Generator().manual_seed(seed + 1)
+    xs, y = [x.to(device) for x in data.test_x], data.test_y.to(device)
+    conditions = {"clean": xs}
+    for j, m in enumerate(data.names):
+        conditions[f"noise:{m}"] = [noise_like(x, g) if i == j else x for i, x in enumerate(xs)]
+    results = {c: evaluate(model, cxs, y) for c, cxs in conditions.items()}
+    final = {"acc": {c: r["acc"] for c, r in results.items()},
+             "probe_acc": results["clean"]["probe_acc"]}
+    if model.cfg.fusion == "attention":
+        final["attention"] = {c: r["attention"] for c, r in results.items()}
+        final["air"] = results["clean"]["air"]
+        final["key_gap"] = results["clean"]["key_gap"]
+    return final
+
+
+# ----------------------------------------------------------------------------------------
+# One run
+
+
+def setup_distributed(device):
+    """Under torchrun: join the process group. Returns (rank, world_size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def run(args, data, device, log=print):
+    """Train (unless --eval-only) and evaluate one model; returns the metrics dict."""
+    rank, world = setup_distributed(device)
+    torch.manual_seed(args.seed)
+    if args.load:
+        model, checkpoint_args = load_checkpoint(args.load, data)
+    else:
+        model = MultimodalTransformer(Config(data.modalities, data.n_classes, d_model=args.width,
+                                             n_layers=args.layers, fusion_heads=args.heads,
+                                             fusion=args.fusion))
+    model.to(device)
+    config = {k: v for k, v in vars(args).items() if k not in ("compare", "seeds", "plot")}
+    metrics = {"config": config, "epochs": [], "final": None}
+    if args.eval_only:
+        metrics["final"] = final_evaluation(model, data, device, args.seed)
+        return model, metrics
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    controller = RollingQ(args.beta, args.sigma, args.max_rolls) if args.rollingq else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # in-memory data: moved to the device once, batches are index slices there
+    xs, y = [x.to(device) for x in data.train_x], data.train_y.to(device)
+    test_xs, test_y = [x.to(device) for x in data.test_x], data.test_y.to(device)
+    n, per_rank = len(y), max(1, args.batch_size // world)
+    g = torch.Generator().manual_seed(args.seed)          # same order on every rank
+    train_seconds = 0.0
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.perf_counter()
+        order = torch.randperm(n, generator=g).to(device)
+        total_loss, steps = torch.zeros((), device=device), 0
+        for start in range(0, n, args.batch_size):
+            idx = order[start:start + args.batch_size][rank * per_rank:(rank + 1) * per_rank]
+            with autocast:
+                out = ddp_model([x[idx] for x in xs], stats=controller is not None)
+                # classifier loss + one probe loss per modality (probes see detached features)
+                loss = F.cross_entropy(out.logits.float(), y[idx])
+                loss = loss + sum(F.cross_entropy(p.float(), y[idx]) for p in out.probe_logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if controller is not None:
+                controller.observe(out)
+            total_loss += loss.detach()
+            steps += 1
+        record = controller.step(model) if controller is not None else {"rolled": False}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_seconds += time.perf_counter() - t0
+        ev = evaluate(model, test_xs, test_y)
+        row = {"epoch": epoch, "train_loss": float(total_loss) / steps, "test_acc": ev["acc"],
+               "air": ev.get("air"), "key_gap": ev.get("key_gap"), "rolled": record["rolled"]}
+        metrics["epochs"].append(row)
+        if rank == 0:
+            air = "   -  " if row["air"] is None else f"{row['air']:+.3f}"
+            log(f"epoch {epoch:3d}/{args.epochs}  loss {row['train_loss']:.4f}  test_acc {ev['acc']:.4f}  "
+                f"air {air}  rolls {int(model.fusion.rolls) if args.fusion == 'attention' else 0}  "
+                f"{time.perf_counter() - t0:.1f}s")
+    metrics["final"] = final_evaluation(model, data, device, args.seed)
+    metrics["final"]["train_seconds"] = train_seconds
+    if world > 1:
+        metrics["distributed"] = {"world_size": world, "ranks_agree": ranks_agree(model, metrics)}
+    return model, metrics
+
+
+def ranks_agree(model, metrics):
+    """True when every rank ends with the same rotation and the same metrics."""
+    mine = (model.fusion.R.cpu().tolist() if model.cfg.fusion == "attention" else None,
+            json.dumps({"epochs": metrics["epochs"], "acc": metrics["final"]["acc"]}, sort_keys=True))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return all(e == every[0] for e in every)
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path, model):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": asdict(model.cfg), "model": model.state_dict()}, path)
+
+
+def load_checkpoint(path, data):
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = Config(**checkpoint["config"])
+        model = MultimodalTransformer(cfg)
+        model.load_state_dict(checkpoint["model"])
+    except FileNotFoundError:
+        raise UsageError(f"--load {path}: no such file") from None
+    except Exception as e:
+        raise UsageError(f"--load {path}: not a checkpoint written by --save ({type(e).__name__})") from None
+    if cfg.modalities != data.modalities or cfg.n_classes != data.n_classes:
+        raise UsageError(f"--load {path}: the model expects modalities {cfg.modalities} and "
+                         f"{cfg.n_classes} classes, the data has {data.modalities} and {data.n_classes}")
+    return model, checkpoint["config"]
+
+
+# ----------------------------------------------------------------------------------------
+# Comparison over seeds
+
+
+def compare(args, data, device):
+    """Vanilla attention, concat and RollingQ over seeds: a markdown table of mean ± std."""
+    variants = {"attention (vanilla)": {"fusion": "attention", "rollingq": False},
+                "concat": {"fusion": "concat", "rollingq": False},
+                "attention + RollingQ": {"fusion": "attention", "rollingq": True}}
+    runs = {name: [] for name in variants}
+    for seed in range(args.seeds):
+        for name, overrides in variants.items():
+            run_args = argparse.Namespace(**{**vars(args), **overrides, "seed": seed, "load": None})
+            print(f"# {name}, seed {seed}", flush=True)
+            _, metrics = run(run_args, data, device, log=lambda s: None)
+            runs[name].append(metrics)
+            f = metrics["final"]
+            print(f"  acc {f['acc']}  air {f.get('air')}", flush=True)
+    table = markdown_table(runs, data.names)
+    print()
+    print(table)
+    return runs, table
+
+
+def mean_std(values):
+    if any(v is None for v in values):
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def markdown_table(runs, names):
+    conditions = ["clean"] + [f"noise:{m}" for m in names]
+    header = (["fusion"] + [f"acc {c}" for c in conditions] + ["\\|AIR\\|"]
+              + [f"attn {names[0]} ({c})" for c in conditions])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, ms in runs.items():
+        finals = [m["final"] for m in ms]
+        cells = [name] + [mean_std([f["acc"][c] for f in finals]) for c in conditions]
+        cells.append(mean_std([abs(f["air"]) if "air" in f else None for f in finals]))
+        cells += [mean_std([f["attention"][c][names[0]] if "attention" in f else None for f in finals])
+                  for c in conditions]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs, names, path):
+    """AIR per epoch (vanilla vs RollingQ) and attention share by condition. Needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"--plot: matplotlib is not installed, no figure written to {path}", file=sys.stderr)
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in ("attention (vanilla)", "attention + RollingQ"):
+        for i, m in enumerate(runs[name]):
+            epochs = [e["epoch"] for e in m["epochs"]]
+            ax1.plot(epochs, [e["air"] for e in m["epochs"]], color="C0" if "vanilla" in name else "C1",
+                     alpha=0.7, label=name if i == 0 else None)
+    ax1.axhline(0, color="grey", lw=0.8)
+    ax1.set(xlabel="epoch", ylabel="AIR (test set)", title="Attention Imbalance Rate")
+    ax1.legend()
+    conditions = ["clean"] + [f"noise:{m}" for m in names]
+    width = 0.38
+    for k, name in enumerate(("attention (vanilla)", "attention + RollingQ")):
+        share = [statistics.mean(m["final"]["attention"][c][names[0]] for m in runs[name]) for c in conditions]
+        ax2.bar([i + (k - 0.5) * width for i in range(len(conditions))], share, width, label=name)
+    ax2.set_xticks(range(len(conditions)), conditions)
+    ax2.set(ylabel=f"CLS attention share on {names[0]}", ylim=(0, 1), title="Attention by test condition")
+    ax2.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = get_device(args.device)
+    data = datasets.load_npz(args.data) if args.data else datasets.synthetic()
+    if args.compare:
+        runs, table = compare(args, data, device)
+        if args.out:
+            write_json(Path(args.out) / "compare.json", {"runs": runs, "table": table})
+        if args.plot:
+            plot(runs, data.names, args.plot)
+        return
+    model, metrics = run(args, data, device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        final = metrics["final"]
+        print("final  " + "  ".join(f"acc[{c}] {a:.4f}" for c, a in final["acc"].items())
+              + (f"  air {final['air']:+.3f}" if "air" in final else ""))
+        if args.out:
+            write_json(Path(args.out) / "metrics.json", metrics)
+        if args.save:
+            save_checkpoint(args.save, model)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def write_json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UsageError, datasets.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
