@@ -318,15 +318,17 @@ class MultimodalTransformer(nn.Module):
 class RollingQ:
     """Rolls the CLS query of a MultimodalTransformer's fusion layer (paper, Algorithm 1).
 
-    During training, pass every forward output made with stats=True to observe(): it sums the
-    CLS query, the mean key of each modality and their cosines, so no extra pass over the data
-    is needed. At the end of each epoch step() does, per fusion head:
-      1. AIR over the epoch's samples; nothing if |AIR| <= beta or max_rolls is reached;
-      2. t = rolling_target(q̄, K̄, sigma), the anchor;
+    During training, pass every forward output made with stats=True to observe(); no extra
+    pass over the data is needed. At the end of each epoch step() does, per fusion head:
+      1. AIR of the last batch (as the authors take it); nothing if |AIR| <= beta or
+         max_rolls is reached;
+      2. t = rolling_target(q̄, K̄, sigma), the anchor, with q̄ the mean query of the last
+         batch (the query moves during the epoch; the roll must turn the one in use now) and
+         K̄ the mean keys over the epoch;
       3. R_new = rotation_matrix(q̄, t), composed as R <- R_new R.
-    (The authors take AIR from the last batch and the means from an extra pass over the
-    training set; we use the statistics of the forward passes training already makes.)
-    Under torch.distributed the sums are all-reduced, so every rank rolls identically.
+    (The authors take the means from an extra pass over the training set after the epoch; we
+    use the forward passes training already makes.) Under torch.distributed the statistics
+    are all-reduced, so every rank rolls at the same epoch with the same rotation.
     """
 
     def __init__(self, beta=0.0, sigma=0.0, max_rolls=1):
@@ -336,29 +338,32 @@ class RollingQ:
         self.reset()
 
     def reset(self):
-        self.sums = None                                      # [n, Σq, ΣK̄, Σcos]
+        self.epoch = None                                     # [n, ΣK̄] over the epoch
+        self.last = None                                      # [n, Σq, Σcos] of the last batch
 
     @torch.no_grad()
     def observe(self, out: Output):
         if out.query is None or out.key_means is None:
             raise ValueError("RollingQ.observe needs the output of model(xs, stats=True)")
         q, K = out.query.float(), out.key_means.float()      # (B, nh, hs), (B, nh, M, hs)
-        batch = [torch.tensor(float(q.shape[0]), device=q.device), q.sum(0), K.sum(0),
-                 modality_cosines(q, K).sum(0)]               # (), (nh, hs), (nh, M, hs), (nh, M)
-        self.sums = batch if self.sums is None else [s + b for s, b in zip(self.sums, batch)]
+        n = torch.tensor(float(q.shape[0]), device=q.device)
+        self.last = [n, q.sum(0), modality_cosines(q, K).sum(0)]   # (), (nh, hs), (nh, M)
+        batch = [n, K.sum(0)]                                 # (), (nh, M, hs)
+        self.epoch = batch if self.epoch is None else [s + b for s, b in zip(self.epoch, batch)]
 
     def _gathered(self):
-        flat = torch.cat([s.reshape(-1) for s in self.sums])
+        """Means over the samples of every rank: q̄ (nh, hs), K̄ (nh, M, hs), mean cos (nh, M)."""
+        sums = self.epoch + self.last
+        flat = torch.cat([s.reshape(-1) for s in sums])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flat)
-        parts = flat.split([s.numel() for s in self.sums])
-        n, q, K, c = (p.view_as(s) for p, s in zip(parts, self.sums))
-        return q / n, K / n, c / n
+        n_epoch, K, n_last, q, cos = (p.view_as(s) for p, s in zip(flat.split([s.numel() for s in sums]), sums))
+        return q / n_last, K / n_epoch, cos / n_last
 
     @torch.no_grad()
     def step(self, model):
         """End of epoch: roll where the condition holds. Returns a record of what it did."""
-        if self.sums is None:
+        if self.epoch is None:
             raise ValueError("RollingQ.step: observe() saw no batch since the last step")
         fusion = model.fusion
         q_mean, K_mean, cos = self._gathered()                # (nh, hs), (nh, M, hs), (nh, M)

@@ -302,3 +302,199 @@ def test_concat_fusion_has_no_attention_layer():
     model = MultimodalTransformer(Config(MODALITIES, 4, d_model=16, n_layers=1, fusion="concat"))
     assert not hasattr(model, "fusion")
     assert model(batch(0)).logits.shape == (12, 4)
+
+
+# ----------------------------------------------------------------------------------------
+# data.py: the built-in set and the .npz loader
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+import data as datasets
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def small_npz(path, **change):
+    """A valid two-modality .npz (audio as tokens, visual as vectors), with `change` applied:
+    a value replaces that array, None removes it."""
+    g = np.random.default_rng(0)
+    arrays = {"train_y": g.integers(0, 3, 40), "test_y": g.integers(0, 3, 20),
+              "train_audio": g.standard_normal((40, 4, 5)).astype(np.float32),
+              "test_audio": g.standard_normal((20, 4, 5)).astype(np.float32),
+              "train_visual": g.standard_normal((40, 6)), "test_visual": g.standard_normal((20, 6))}
+    for key, value in change.items():
+        if value is None:
+            del arrays[key]
+        else:
+            arrays[key] = value
+    np.savez(path, **arrays)
+    return path
+
+
+def test_synthetic_data_is_reproducible_from_its_seed():
+    a, b, c = datasets.synthetic(seed=3, n_train=50, n_test=10), datasets.synthetic(seed=3, n_train=50, n_test=10), \
+        datasets.synthetic(seed=4, n_train=50, n_test=10)
+    assert all(torch.equal(x, y) for x, y in zip(a.train_x + [a.train_y], b.train_x + [b.train_y]))
+    assert not torch.equal(a.train_x[0], c.train_x[0])
+    assert a.modalities == {"audio": (8, 16), "visual": (8, 16)} and a.n_classes == 8
+
+
+def test_load_npz_reads_tokens_and_vectors(tmp_path):
+    d = datasets.load_npz(small_npz(tmp_path / "ok.npz"))
+    assert d.names == ["audio", "visual"] and d.n_classes == 3
+    assert d.modalities == {"audio": (4, 5), "visual": (1, 6)}
+    assert d.train_x[1].dtype == torch.float32 and d.train_y.dtype == torch.int64
+
+
+BAD_NPZ = {
+    "object arrays": ({"train_audio": np.array([None] * 40, dtype=object)}, "Python objects"),
+    "one modality": ({"train_visual": None, "test_visual": None}, "expected at least 2"),
+    "missing labels": ({"test_y": None}, "no 'test_y'"),
+    "N differs from labels": ({"train_audio": np.zeros((39, 4, 5))}, "39 samples but train_y has 40"),
+    "L differs between splits": ({"test_audio": np.zeros((20, 3, 5))}, r"\(4, 5\) in train but \(3, 5\) in test"),
+    "D differs between splits": ({"test_visual": np.zeros((20, 7))}, r"\(1, 6\) in train but \(1, 7\) in test"),
+    "NaN": ({"train_visual": np.full((40, 6), np.nan)}, "NaN or inf"),
+    "inf": ({"test_audio": np.full((20, 4, 5), np.inf)}, "NaN or inf"),
+    "negative label": ({"train_y": np.r_[-1, np.zeros(39, int)]}, "outside 0..0"),
+    "test label unseen in train": ({"test_y": np.full(20, 3)}, r"test_y has labels outside 0..2"),
+    "float labels": ({"train_y": np.zeros(40)}, "integer labels"),
+    "empty split": ({"test_y": np.zeros(0, int), "test_audio": np.zeros((0, 4, 5)),
+                     "test_visual": np.zeros((0, 6))}, "test split is empty"),
+    "train without test": ({"test_visual": None}, "no matching 'test_visual'"),
+    "unknown array": ({"val_audio": np.zeros(3)}, "unexpected array 'val_audio'"),
+    "4-D features": ({"train_audio": np.zeros((40, 1, 4, 5)), "test_audio": np.zeros((20, 1, 4, 5))},
+                     r"must be \(N, L, D\) or \(N, D\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_NPZ))
+def test_load_npz_refuses_bad_input_with_a_clear_message(tmp_path, case):
+    change, message = BAD_NPZ[case]
+    with pytest.raises(datasets.DataError, match=message):
+        datasets.load_npz(small_npz(tmp_path / "bad.npz", **change))
+
+
+def test_load_npz_refuses_a_missing_file_and_a_file_that_is_no_npz(tmp_path):
+    with pytest.raises(datasets.DataError, match="no such file"):
+        datasets.load_npz(tmp_path / "absent.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(datasets.DataError, match="not a .npz file"):
+        datasets.load_npz(tmp_path / "text.npz")
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    with pytest.raises(datasets.DataError, match="single array"):
+        datasets.load_npz(tmp_path / "single.npy")
+
+
+# ----------------------------------------------------------------------------------------
+# train.py: end to end
+
+import train
+
+TINY = ["--epochs", "2", "--width", "16", "--layers", "1", "--batch-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    """A small built-in-style set on disk, the visual modality given as (N, D) vectors."""
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    d = datasets.synthetic(seed=0, n_train=256, n_test=128, n_classes=4, modalities=(
+        datasets.Modality("audio", 4, 6, 1.0, 0.2), datasets.Modality("visual", 3, 5, 0.5, 0.2)))
+    datasets.save_npz(d, path, vectors=("visual",))
+    return str(path)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_train_writes_metrics_and_a_checkpoint_that_reloads_to_the_same_accuracy(tmp_path, tiny_npz):
+    out = tmp_path / "run"
+    r = cli("--data", tiny_npz, "--rollingq", *TINY, "--out", str(out), "--save", str(out / "model.pt"))
+    assert r.returncode == 0, r.stderr
+    assert sum(line.startswith("epoch ") for line in r.stdout.splitlines()) == 2
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["rollingq"] is True and m["config"]["data"] == tiny_npz
+    assert [e["epoch"] for e in m["epochs"]] == [1, 2]
+    assert set(m["epochs"][0]) >= {"epoch", "train_loss", "test_acc", "air", "key_gap", "rolled"}
+    assert m["epochs"][0]["rolled"] is True
+    final = m["final"]
+    assert set(final["acc"]) == {"clean", "noise:audio", "noise:visual"}
+    assert set(final["attention"]["noise:audio"]) == {"audio", "visual"}
+    assert abs(sum(final["attention"]["clean"].values()) - 1) < 1e-6
+    assert set(final["probe_acc"]) == {"audio", "visual"} and final["train_seconds"] > 0
+    assert all(0 <= a <= 1 for a in final["acc"].values()) and isinstance(final["air"], float)
+
+    again = tmp_path / "eval"
+    r = cli("--data", tiny_npz, "--load", str(out / "model.pt"), "--eval-only", "--out", str(again))
+    assert r.returncode == 0, r.stderr
+    reloaded = json.loads((again / "metrics.json").read_text())["final"]
+    assert reloaded["acc"] == final["acc"] and reloaded["air"] == final["air"]
+
+
+def run_in_process(argv, data):
+    args = train.parse_args(argv)
+    return train.run(args, data, torch.device("cpu"), log=lambda line: None)[1]
+
+
+def test_same_seed_gives_identical_metrics(tiny_npz):
+    d = datasets.load_npz(tiny_npz)
+    a, b = (run_in_process(["--rollingq", *TINY, "--seed", "3"], d) for _ in range(2))
+    for m in (a, b):
+        m["final"].pop("train_seconds")
+    assert a == b
+    c = run_in_process(["--rollingq", *TINY, "--seed", "4"], d)
+    assert c["epochs"] != a["epochs"]
+
+
+def test_cli_bad_input_gets_one_line_and_exit_status_2(tmp_path, tiny_npz):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    cases = [
+        (["--data", str(tmp_path / "missing.npz")], "no such file"),
+        (["--data", small_npz(tmp_path / "obj.npz", train_audio=np.array([None] * 40, dtype=object))],
+         "Python objects"),
+        (["--eval-only"], "--eval-only needs --load"),
+        (["--epochs", "0"], "--epochs must be positive"),
+        (["--data", tiny_npz, "--load", str(tmp_path / "notes.txt")], "not a checkpoint"),
+        (["--rollingq", "--fusion", "concat"], "needs --fusion attention"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA GPU"))
+    for args, message in cases:
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+
+
+def test_compare_prints_a_table_row_per_fusion(tiny_npz, capsys):
+    args = train.parse_args(["--compare", "--seeds", "2", *TINY, "--epochs", "1"])
+    runs, table = train.compare(args, datasets.load_npz(tiny_npz), torch.device("cpu"))
+    rows = table.splitlines()
+    assert len(rows) == 5 and rows[2].startswith("| attention (vanilla)") and rows[4].startswith("| attention + RollingQ")
+    assert all(len(ms) == 2 for ms in runs.values())
+    assert " ± " in rows[4] and "| - |" in rows[3]                # concat has no AIR
+
+
+def test_bench_reports_a_time_ratio(tiny_npz, capsys):
+    args = train.parse_args(["--bench", "--bench-steps", "2", *TINY])
+    result = train.bench(args, datasets.load_npz(tiny_npz), torch.device("cpu"), rounds=1)
+    assert result["time_ratio"] > 0 and set(result["samples_per_s"]) == {"vanilla", "RollingQ"}
+    assert "time ratio RollingQ / vanilla" in capsys.readouterr().out
+
+
+def test_torchrun_ranks_roll_identically(tmp_path, tiny_npz):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), "--data", tiny_npz, "--rollingq", "--max-rolls", "2",
+                        *TINY, "--device", "cpu", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["distributed"] == {"world_size": 2, "ranks_agree": True}
+    assert [e["rolled"] for e in m["epochs"]] == [True, True]
+    assert sum(line.startswith("epoch ") for line in r.stdout.splitlines()) == 2   # rank 0 alone prints

@@ -27,6 +27,23 @@ import data as datasets
 from rollingq import Config, MultimodalTransformer, RollingQ, air_from_cosines, modality_cosines
 
 
+# --preset: defaults for the CLI and, for the built-in data, the synthetic set's shape
+PRESETS = {
+    "small": {"args": {}, "data": {}},
+    "paper": {"args": {"width": 768, "layers": 4, "encoder_heads": 12, "heads": 1, "batch_size": 32},
+              "data": {"n_train": 1024, "n_test": 256,
+                       "modalities": (datasets.Modality("audio", 256, 128, 0.5, 0.2),
+                                      datasets.Modality("visual", 196, 128, 0.5, 0.2, signed=True))}},
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 class UsageError(Exception):
     """A bad argument or file: reported in one line, exit status 2."""
 
@@ -35,7 +52,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a multimodal Transformer with attention fusion, with or without RollingQ "
                     "(Ni et al., ICML 2025), and report accuracy, AIR and attention shares.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("method")
     g.add_argument("--rollingq", action="store_true", help="roll the CLS query (off: vanilla attention fusion)")
     g.add_argument("--fusion", choices=["attention", "concat"], default="attention",
@@ -45,14 +62,16 @@ def parse_args(argv=None):
     g.add_argument("--max-rolls", type=int, default=1, help="roll at most this many times in a run")
     g = p.add_argument_group("model and training")
     g.add_argument("--data", metavar="PATH.npz", help="real features (see README); default: built-in synthetic data")
-    g.add_argument("--epochs", type=int, default=15)
+    g.add_argument("--epochs", type=int, default=15, help="passes over the training set")
     g.add_argument("--batch-size", type=int, default=64, help="global batch size (split across ranks)")
-    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd uses momentum 0.9")
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     g.add_argument("--width", type=int, default=64, help="model width d_model")
     g.add_argument("--layers", type=int, default=2, help="Transformer blocks per modality encoder")
+    g.add_argument("--encoder-heads", type=int, default=4, help="attention heads in the encoder blocks")
     g.add_argument("--heads", type=int, default=1, help="fusion attention heads (the paper uses 1)")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, batch order and noise")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     g = p.add_argument_group("files")
     g.add_argument("--out", metavar="DIR", help="write DIR/metrics.json")
     g.add_argument("--save", metavar="PATH", help="save the trained model (config + state_dict)")
@@ -64,8 +83,16 @@ def parse_args(argv=None):
     g.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for --compare")
     g.add_argument("--plot", metavar="PNG", help="with --compare: draw AIR per epoch and attention shares "
                                                  "(needs matplotlib)")
+    g.add_argument("--bench", action="store_true",
+                   help="print training samples/s without and with RollingQ, side by side, and their ratio")
+    g.add_argument("--bench-steps", type=int, default=40, help="steps per timed block in --bench")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                   help="paper: width 768, 4 encoder layers of 12 heads, 1 fusion head, hundreds of tokens "
+                        "per modality (a throughput setting; explicit flags still win)")
+    preset = p.parse_known_args(argv)[0].preset
+    p.set_defaults(**PRESETS[preset]["args"])
     args = p.parse_args(argv)
-    positive = ("epochs", "batch_size", "lr", "width", "layers", "heads", "seeds")
+    positive = ("epochs", "batch_size", "lr", "width", "layers", "encoder_heads", "heads", "seeds", "bench_steps")
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -75,8 +102,9 @@ def parse_args(argv=None):
         raise UsageError("--eval-only needs --load PATH (a model saved with --save)")
     if args.rollingq and args.fusion == "concat":
         raise UsageError("--rollingq rolls the fusion attention's query; it needs --fusion attention")
-    if args.width % args.heads or args.width % 4:
-        raise UsageError(f"--width {args.width} must be divisible by --heads {args.heads} and by 4 (encoder heads)")
+    for name in ("heads", "encoder_heads"):
+        if args.width % getattr(args, name):
+            raise UsageError(f"--width {args.width} must be divisible by --{name.replace('_', '-')} {getattr(args, name)}")
     return args
 
 
@@ -173,18 +201,39 @@ def setup_distributed(device):
     return dist.get_rank(), dist.get_world_size()
 
 
+def build_model(args, data):
+    return MultimodalTransformer(Config(data.modalities, data.n_classes, d_model=args.width, n_layers=args.layers,
+                                        n_heads=args.encoder_heads, fusion_heads=args.heads, fusion=args.fusion))
+
+
+def make_optimizer(model, args):
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+
+
+def train_step(model, xs, y, optimizer, controller, autocast):
+    """One optimisation step on a batch; RollingQ only reads what the forward pass made."""
+    with autocast:
+        out = model(xs, stats=controller is not None)
+        # classifier loss + one probe loss per modality (probes see detached features)
+        loss = F.cross_entropy(out.logits.float(), y)
+        loss = loss + sum(F.cross_entropy(p.float(), y) for p in out.probe_logits)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if controller is not None:
+        controller.observe(out)
+    return loss.detach()
+
+
 def run(args, data, device, log=print):
-    """Train (unless --eval-only) and evaluate one model; returns the metrics dict."""
+    """Train (unless --eval-only) and evaluate one model; returns (model, metrics)."""
     rank, world = setup_distributed(device)
     torch.manual_seed(args.seed)
-    if args.load:
-        model, checkpoint_args = load_checkpoint(args.load, data)
-    else:
-        model = MultimodalTransformer(Config(data.modalities, data.n_classes, d_model=args.width,
-                                             n_layers=args.layers, fusion_heads=args.heads,
-                                             fusion=args.fusion))
+    model = load_checkpoint(args.load, data) if args.load else build_model(args, data)
     model.to(device)
-    config = {k: v for k, v in vars(args).items() if k not in ("compare", "seeds", "plot")}
+    config = {k: v for k, v in vars(args).items() if k not in ("compare", "seeds", "plot", "bench", "bench_steps")}
     metrics = {"config": config, "epochs": [], "final": None}
     if args.eval_only:
         metrics["final"] = final_evaluation(model, data, device, args.seed)
@@ -195,45 +244,38 @@ def run(args, data, device, log=print):
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     controller = RollingQ(args.beta, args.sigma, args.max_rolls) if args.rollingq else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    optimizer = make_optimizer(model, args)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     # in-memory data: moved to the device once, batches are index slices there
     xs, y = [x.to(device) for x in data.train_x], data.train_y.to(device)
     test_xs, test_y = [x.to(device) for x in data.test_x], data.test_y.to(device)
-    n, per_rank = len(y), max(1, args.batch_size // world)
     g = torch.Generator().manual_seed(args.seed)          # same order on every rank
     train_seconds = 0.0
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
-        order = torch.randperm(n, generator=g).to(device)
+        order = torch.randperm(len(y), generator=g).to(device)
         total_loss, steps = torch.zeros((), device=device), 0
-        for start in range(0, n, args.batch_size):
-            idx = order[start:start + args.batch_size][rank * per_rank:(rank + 1) * per_rank]
-            with autocast:
-                out = ddp_model([x[idx] for x in xs], stats=controller is not None)
-                # classifier loss + one probe loss per modality (probes see detached features)
-                loss = F.cross_entropy(out.logits.float(), y[idx])
-                loss = loss + sum(F.cross_entropy(p.float(), y[idx]) for p in out.probe_logits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if controller is not None:
-                controller.observe(out)
-            total_loss += loss.detach()
+        for start in range(0, len(y), args.batch_size):
+            idx = order[start:start + args.batch_size].tensor_split(world)[rank]   # this rank's share
+            total_loss += train_step(ddp_model, [x[idx] for x in xs], y[idx], optimizer, controller, autocast)
             steps += 1
+        if world > 1:
+            dist.all_reduce(total_loss)                   # the mean over ranks
+            total_loss /= world
         record = controller.step(model) if controller is not None else {"rolled": False}
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_seconds += time.perf_counter() - t0
         ev = evaluate(model, test_xs, test_y)
         row = {"epoch": epoch, "train_loss": float(total_loss) / steps, "test_acc": ev["acc"],
-               "air": ev.get("air"), "key_gap": ev.get("key_gap"), "rolled": record["rolled"]}
+               "air": ev.get("air"), "key_gap": ev.get("key_gap"), "rolled": record["rolled"],
+               "attention": ev.get("attention")}
         metrics["epochs"].append(row)
         if rank == 0:
             air = "   -  " if row["air"] is None else f"{row['air']:+.3f}"
+            rolls = int(model.fusion.rolls) if args.fusion == "attention" else 0
             log(f"epoch {epoch:3d}/{args.epochs}  loss {row['train_loss']:.4f}  test_acc {ev['acc']:.4f}  "
-                f"air {air}  rolls {int(model.fusion.rolls) if args.fusion == 'attention' else 0}  "
-                f"{time.perf_counter() - t0:.1f}s")
+                f"air {air}  rolls {rolls}  {time.perf_counter() - t0:.1f}s")
     metrics["final"] = final_evaluation(model, data, device, args.seed)
     metrics["final"]["train_seconds"] = train_seconds
     if world > 1:
@@ -273,7 +315,7 @@ def load_checkpoint(path, data):
     if cfg.modalities != data.modalities or cfg.n_classes != data.n_classes:
         raise UsageError(f"--load {path}: the model expects modalities {cfg.modalities} and "
                          f"{cfg.n_classes} classes, the data has {data.modalities} and {data.n_classes}")
-    return model, checkpoint["config"]
+    return model
 
 
 # ----------------------------------------------------------------------------------------
@@ -355,12 +397,62 @@ def plot(runs, names, path):
 
 
 # ----------------------------------------------------------------------------------------
+# Benchmark
+
+
+def bench(args, data, device, rounds=5):
+    """Training samples/s without and with RollingQ, measured side by side in one process:
+    the same batches, timed blocks of --bench-steps steps in alternating order; each RollingQ
+    block ends with a roll (the once-per-epoch cost, here paid every block)."""
+    setups = {}
+    for name in ("vanilla", "RollingQ"):
+        torch.manual_seed(args.seed)
+        model = build_model(args, data).to(device)
+        controller = RollingQ(args.beta, args.sigma, max_rolls=10**9) if name == "RollingQ" else None
+        setups[name] = (model, make_optimizer(model, args), controller)
+    xs, y = [x.to(device) for x in data.train_x], data.train_y.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    g = torch.Generator().manual_seed(args.seed)
+    seconds = {name: 0.0 for name in setups}
+    for r in range(rounds + 1):                        # round 0 warms up and is not counted
+        batches = [torch.randint(len(y), (args.batch_size,), generator=g).to(device) for _ in range(args.bench_steps)]
+        for name in (("vanilla", "RollingQ") if r % 2 else ("RollingQ", "vanilla")):
+            model, optimizer, controller = setups[name]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for idx in batches:
+                train_step(model, [x[idx] for x in xs], y[idx], optimizer, controller, autocast)
+            if controller is not None:
+                controller.step(model)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r > 0:
+                seconds[name] += time.perf_counter() - t0
+        print(f"round {r}/{rounds}" + (" (warm-up)" if r == 0 else ""), flush=True)
+    samples = rounds * args.bench_steps * args.batch_size
+    rate = {name: samples / s for name, s in seconds.items()}
+    ratio = seconds["RollingQ"] / seconds["vanilla"]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device {name}  preset {args.preset}  batch {args.batch_size}  {rounds} x {args.bench_steps} steps each")
+    print(f"vanilla   {rate['vanilla']:9.1f} samples/s")
+    print(f"RollingQ  {rate['RollingQ']:9.1f} samples/s")
+    print(f"time ratio RollingQ / vanilla = {ratio:.3f}")
+    return {"device": name, "samples_per_s": rate, "time_ratio": ratio}
+
+
+# ----------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = get_device(args.device)
-    data = datasets.load_npz(args.data) if args.data else datasets.synthetic()
+    data = datasets.load_npz(args.data) if args.data else datasets.synthetic(**PRESETS[args.preset]["data"])
+    if args.bench:
+        result = bench(args, data, device)
+        if args.out:
+            write_json(Path(args.out) / "bench.json", result)
+        return
     if args.compare:
         runs, table = compare(args, data, device)
         if args.out:
