@@ -45,13 +45,11 @@ class Modality:
     features: int                     # D: features per token
     signal: float                     # class-signal amplitude; the larger, the faster it is learned
     corrupt: float                    # probability that a sample's copy of this modality is pure noise
-    signed: bool = False              # the prototype comes with a random sign per sample: the class is
-                                      # then no linear function of the tokens and is learned later
 
 
 # The default: audio strong (learned first), visual weaker but informative; each is pure
-# noise on a quarter of the samples, never both on the same sample.
-DEFAULT_MODALITIES = (Modality("audio", 8, 16, 0.5, 0.25), Modality("visual", 8, 16, 0.15, 0.25))
+# noise on 30 % of the samples, never both on the same sample.
+DEFAULT_MODALITIES = (Modality("audio", 8, 16, 1.0, 0.3), Modality("visual", 8, 16, 0.35, 0.3))
 
 
 def synthetic(seed=0, n_train=4000, n_test=2000, n_classes=8, modalities=DEFAULT_MODALITIES):
@@ -69,10 +67,8 @@ def synthetic(seed=0, n_train=4000, n_test=2000, n_classes=8, modalities=DEFAULT
     xs = []
     for j, m in enumerate(modalities):
         prototypes = g.standard_normal((n_classes, m.tokens, m.features))  # (C, L, D)
-        scale = m.signal * ~corrupt[:, j, None, None]                      # (N, 1, 1)
-        if m.signed:
-            scale = scale * g.choice([-1.0, 1.0], (n, 1, 1))
-        x = scale * prototypes[y] + g.standard_normal((n, m.tokens, m.features))
+        clean = ~corrupt[:, j, None, None]                                  # (N, 1, 1)
+        x = m.signal * clean * prototypes[y] + g.standard_normal((n, m.tokens, m.features))
         xs.append(torch.from_numpy(x.astype(np.float32)))                 # (N, L, D)
     y = torch.from_numpy(y)
     return Data([m.name for m in modalities], [x[:n_train] for x in xs], y[:n_train],

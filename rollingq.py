@@ -332,7 +332,9 @@ class RollingQ:
     """
 
     def __init__(self, beta=0.0, sigma=0.0, max_rolls=1):
-        if beta < 0 or sigma < 0 or max_rolls < 0:
+        """beta: AIR threshold; sigma: anchor lean (0: bisector); max_rolls: r_time, None for no limit.
+        The defaults are the authors' (beta 0, sigma 0, one roll)."""
+        if beta < 0 or sigma < 0 or (max_rolls is not None and max_rolls < 0):
             raise ValueError(f"RollingQ needs beta, sigma, max_rolls >= 0; got {beta}, {sigma}, {max_rolls}")
         self.beta, self.sigma, self.max_rolls = beta, sigma, max_rolls
         self.reset()
@@ -369,7 +371,7 @@ class RollingQ:
         q_mean, K_mean, cos = self._gathered()                # (nh, hs), (nh, M, hs), (nh, M)
         air = air_from_cosines(cos)                           # (nh,)
         heads = []
-        if int(fusion.rolls) < self.max_rolls:
+        if self.max_rolls is None or int(fusion.rolls) < self.max_rolls:
             heads = [h for h in range(len(air)) if abs(float(air[h])) > self.beta]
         if heads:
             R_new = torch.stack([rotation_matrix(q_mean[h], rolling_target(q_mean[h], K_mean[h], self.sigma))

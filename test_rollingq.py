@@ -475,9 +475,9 @@ def test_compare_prints_a_table_row_per_fusion(tiny_npz, capsys):
     args = train.parse_args(["--compare", "--seeds", "2", *TINY, "--epochs", "1"])
     runs, table = train.compare(args, datasets.load_npz(tiny_npz), torch.device("cpu"))
     rows = table.splitlines()
-    assert len(rows) == 5 and rows[2].startswith("| attention (vanilla)") and rows[4].startswith("| attention + RollingQ")
+    assert len(rows) == 6 and rows[2].startswith("| attention (vanilla)") and rows[5].startswith("| RollingQ, max-rolls no limit")
     assert all(len(ms) == 2 for ms in runs.values())
-    assert " ± " in rows[4] and "| - |" in rows[3]                # concat has no AIR
+    assert " ± " in rows[5] and "| - |" in rows[3]                # concat has no AIR
 
 
 def test_bench_reports_a_time_ratio(tiny_npz, capsys):

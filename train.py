@@ -32,8 +32,8 @@ PRESETS = {
     "small": {"args": {}, "data": {}},
     "paper": {"args": {"width": 768, "layers": 4, "encoder_heads": 12, "heads": 1, "batch_size": 32},
               "data": {"n_train": 1024, "n_test": 256,
-                       "modalities": (datasets.Modality("audio", 256, 128, 0.5, 0.2),
-                                      datasets.Modality("visual", 196, 128, 0.5, 0.2, signed=True))}},
+                       "modalities": (datasets.Modality("audio", 256, 128, 1.0, 0.3),
+                                      datasets.Modality("visual", 196, 128, 0.35, 0.3))}},
 }
 
 
@@ -59,10 +59,12 @@ def parse_args(argv=None):
                    help="attention: CLS token attends over all tokens; concat: the static baseline")
     g.add_argument("--beta", type=float, default=0.0, help="roll only when |AIR| > beta")
     g.add_argument("--sigma", type=float, default=0.0, help="anchor lean toward the weaker modality (0: bisector)")
-    g.add_argument("--max-rolls", type=int, default=1, help="roll at most this many times in a run")
+    g.add_argument("--max-rolls", type=int, default=None,
+                   help="roll at most this many times in a run (default: no limit, every epoch with |AIR| > beta; "
+                        "the authors use 1, see README)")
     g = p.add_argument_group("model and training")
     g.add_argument("--data", metavar="PATH.npz", help="real features (see README); default: built-in synthetic data")
-    g.add_argument("--epochs", type=int, default=15, help="passes over the training set")
+    g.add_argument("--epochs", type=int, default=25, help="passes over the training set")
     g.add_argument("--batch-size", type=int, default=64, help="global batch size (split across ranks)")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd uses momentum 0.9")
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
@@ -96,7 +98,7 @@ def parse_args(argv=None):
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.beta < 0 or args.sigma < 0 or args.max_rolls < 0:
+    if args.beta < 0 or args.sigma < 0 or (args.max_rolls is not None and args.max_rolls < 0):
         raise UsageError("--beta, --sigma and --max-rolls must be >= 0")
     if args.eval_only and not args.load:
         raise UsageError("--eval-only needs --load PATH (a model saved with --save)")
@@ -324,9 +326,11 @@ def load_checkpoint(path, data):
 
 def compare(args, data, device):
     """Vanilla attention, concat and RollingQ over seeds: a markdown table of mean ± std."""
+    rolls = "no limit" if args.max_rolls is None else args.max_rolls
     variants = {"attention (vanilla)": {"fusion": "attention", "rollingq": False},
                 "concat": {"fusion": "concat", "rollingq": False},
-                "attention + RollingQ": {"fusion": "attention", "rollingq": True}}
+                "RollingQ, 1 roll": {"fusion": "attention", "rollingq": True, "max_rolls": 1},
+                f"RollingQ, max-rolls {rolls}": {"fusion": "attention", "rollingq": True}}
     runs = {name: [] for name in variants}
     for seed in range(args.seeds):
         for name, overrides in variants.items():
@@ -365,7 +369,8 @@ def markdown_table(runs, names):
 
 
 def plot(runs, names, path):
-    """AIR per epoch (vanilla vs RollingQ) and attention share by condition. Needs matplotlib."""
+    """AIR per epoch and attention share by test condition, for each attention-fusion variant.
+    Needs matplotlib; without it, says so and draws nothing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -373,26 +378,26 @@ def plot(runs, names, path):
     except ImportError:
         print(f"--plot: matplotlib is not installed, no figure written to {path}", file=sys.stderr)
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ("attention (vanilla)", "attention + RollingQ"):
-        for i, m in enumerate(runs[name]):
-            epochs = [e["epoch"] for e in m["epochs"]]
-            ax1.plot(epochs, [e["air"] for e in m["epochs"]], color="C0" if "vanilla" in name else "C1",
-                     alpha=0.7, label=name if i == 0 else None)
-    ax1.axhline(0, color="grey", lw=0.8)
-    ax1.set(xlabel="epoch", ylabel="AIR (test set)", title="Attention Imbalance Rate")
-    ax1.legend()
+    variants = [name for name, ms in runs.items() if "air" in ms[0]["final"]]
     conditions = ["clean"] + [f"noise:{m}" for m in names]
-    width = 0.38
-    for k, name in enumerate(("attention (vanilla)", "attention + RollingQ")):
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / len(variants)
+    for k, name in enumerate(variants):
+        for i, m in enumerate(runs[name]):
+            ax1.plot([e["epoch"] for e in m["epochs"]], [e["air"] for e in m["epochs"]], color=f"C{k}",
+                     alpha=0.6, label=name if i == 0 else None)
         share = [statistics.mean(m["final"]["attention"][c][names[0]] for m in runs[name]) for c in conditions]
-        ax2.bar([i + (k - 0.5) * width for i in range(len(conditions))], share, width, label=name)
+        ax2.bar([i + (k - (len(variants) - 1) / 2) * width for i in range(len(conditions))], share, width,
+                color=f"C{k}", label=name)
+    ax1.axhline(0, color="grey", lw=0.8)
+    ax1.set(xlabel="epoch", ylabel="AIR on the test set", title=f"AIR per epoch ({len(runs[variants[0]])} seeds)")
+    ax1.legend()
     ax2.set_xticks(range(len(conditions)), conditions)
-    ax2.set(ylabel=f"CLS attention share on {names[0]}", ylim=(0, 1), title="Attention by test condition")
+    ax2.set(ylabel=f"CLS attention share on {names[0]}", ylim=(0, 1), title="Attention share by test condition")
     ax2.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 
 
@@ -408,7 +413,7 @@ def bench(args, data, device, rounds=5):
     for name in ("vanilla", "RollingQ"):
         torch.manual_seed(args.seed)
         model = build_model(args, data).to(device)
-        controller = RollingQ(args.beta, args.sigma, max_rolls=10**9) if name == "RollingQ" else None
+        controller = RollingQ(args.beta, args.sigma, max_rolls=None) if name == "RollingQ" else None
         setups[name] = (model, make_optimizer(model, args), controller)
     xs, y = [x.to(device) for x in data.train_x], data.train_y.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
