@@ -77,7 +77,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("files")
     g.add_argument("--out", metavar="DIR", help="write DIR/metrics.json")
     g.add_argument("--save", metavar="PATH", help="save the trained model (config + state_dict)")
-    g.add_argument("--load", metavar="PATH", help="start from a saved model")
+    g.add_argument("--load", metavar="PATH",
+                   help="start from a saved model (its own architecture replaces --width, --layers, ...)")
     g.add_argument("--eval-only", action="store_true", help="with --load: evaluate only, no training")
     g = p.add_argument_group("modes")
     g.add_argument("--compare", action="store_true",
@@ -173,9 +174,10 @@ def key_gap(key_means):
     return float((1 - sim[:, pairs[0], pairs[1]]).mean())
 
 
-def final_evaluation(model, data, device, seed):
-    """Clean test set, then each modality in turn replaced by Gaussian noise."""
-    g = torch.Generator().manual_seed(seed + 1)
+def final_evaluation(model, data, device):
+    """Clean test set, then each modality in turn replaced by Gaussian noise (drawn from a
+    fixed seed, so every model meets the same noisy inputs)."""
+    g = torch.Generator().manual_seed(0)
     xs, y = [x.to(device) for x in data.test_x], data.test_y.to(device)
     conditions = {"clean": xs}
     for j, m in enumerate(data.names):
@@ -195,12 +197,16 @@ def final_evaluation(model, data, device, seed):
 
 
 def setup_distributed(device):
-    """Under torchrun: join the process group. Returns (rank, world_size)."""
+    """Under torchrun: join the process group (one GPU per process, or gloo on the CPU).
+    Returns (rank, world_size, this process's device)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def build_model(args, data):
@@ -231,14 +237,16 @@ def train_step(model, xs, y, optimizer, controller, autocast):
 
 def run(args, data, device, log=print):
     """Train (unless --eval-only) and evaluate one model; returns (model, metrics)."""
-    rank, world = setup_distributed(device)
+    rank, world, device = setup_distributed(device)
     torch.manual_seed(args.seed)
     model = load_checkpoint(args.load, data) if args.load else build_model(args, data)
+    if args.rollingq and model.cfg.fusion != "attention":
+        raise UsageError(f"--rollingq: the model in {args.load} uses {model.cfg.fusion} fusion, not attention")
     model.to(device)
     config = {k: v for k, v in vars(args).items() if k not in ("compare", "seeds", "plot", "bench", "bench_steps")}
     metrics = {"config": config, "epochs": [], "final": None}
     if args.eval_only:
-        metrics["final"] = final_evaluation(model, data, device, args.seed)
+        metrics["final"] = final_evaluation(model, data, device)
         return model, metrics
 
     ddp_model = model
@@ -275,10 +283,10 @@ def run(args, data, device, log=print):
         metrics["epochs"].append(row)
         if rank == 0:
             air = "   -  " if row["air"] is None else f"{row['air']:+.3f}"
-            rolls = int(model.fusion.rolls) if args.fusion == "attention" else 0
+            rolls = int(model.fusion.rolls) if model.cfg.fusion == "attention" else 0
             log(f"epoch {epoch:3d}/{args.epochs}  loss {row['train_loss']:.4f}  test_acc {ev['acc']:.4f}  "
                 f"air {air}  rolls {rolls}  {time.perf_counter() - t0:.1f}s")
-    metrics["final"] = final_evaluation(model, data, device, args.seed)
+    metrics["final"] = final_evaluation(model, data, device)
     metrics["final"]["train_seconds"] = train_seconds
     if world > 1:
         metrics["distributed"] = {"world_size": world, "ranks_agree": ranks_agree(model, metrics)}
