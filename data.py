@@ -110,9 +110,13 @@ def load_npz(path):
         for key in archive.files:
             try:
                 arrays[key] = archive[key]
-            except ValueError:
-                raise DataError(f"{path}: array {key!r} holds Python objects; "
-                                f"save plain numeric arrays (loaded with allow_pickle=False)") from None
+            except ValueError as e:
+                if "allow_pickle" in str(e):
+                    raise DataError(f"{path}: array {key!r} holds Python objects; "
+                                    f"save plain numeric arrays (loaded with allow_pickle=False)") from None
+                raise DataError(f"{path}: cannot read array {key!r}: {e}") from None
+            except (OSError, EOFError, zipfile.BadZipFile) as e:
+                raise DataError(f"{path}: cannot read array {key!r}, the file is damaged: {e}") from None
     for key in ("train_y", "test_y"):
         if key not in arrays:
             raise DataError(f"{path} has no {key!r}: expected integer labels train_y and test_y")
@@ -160,10 +164,11 @@ def load_npz(path):
                 raise DataError(f"{path}: {key} has {len(x)} samples but {split}_y has {len(ys[split])}")
             if 0 in x.shape[1:]:
                 raise DataError(f"{path}: {key} has no tokens or no features: shape {x.shape}")
+            x = x.astype(np.float32)
             if not np.isfinite(x).all():
-                raise DataError(f"{path}: {key} contains NaN or inf")
+                raise DataError(f"{path}: {key} contains NaN or inf (or values too large for float32)")
             shapes[split] = x.shape[1:]
-            xs[split].append(torch.from_numpy(x.astype(np.float32)))
+            xs[split].append(torch.from_numpy(x))
         if shapes["train"] != shapes["test"]:
             raise DataError(f"{path}: modality {m!r} has (L, D) = {shapes['train']} in train "
                             f"but {shapes['test']} in test")

@@ -169,7 +169,7 @@ class Attention(nn.Module):
 
     def split(self, x):
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads)   # (B, T, 3, nh, hs)
         return qkv.permute(2, 0, 3, 1, 4)                     # 3 x (B, nh, T, hs)
 
     def merge(self, y):
@@ -240,8 +240,10 @@ class FusionAttention(Attention):
 
     def forward(self, x, stats=False, attention=False):       # x: (B, T, C), T = 1 + sum L_m
         q, k, v = self.split(x)                               # (B, nh, T, hs)
-        # RollingQ: the CLS query becomes R q; as a row vector, (R q)ᵀ = qᵀ Rᵀ
-        q_cls = q[:, :, :1] @ self.R.transpose(-1, -2).to(q.dtype)  # (B, nh, 1, hs)
+        # RollingQ: the CLS query becomes R q; as a row vector, (R q)ᵀ = qᵀ Rᵀ (in float32, even
+        # under autocast)
+        with torch.autocast(x.device.type, enabled=False):
+            q_cls = (q[:, :, :1].float() @ self.R.float().transpose(-1, -2)).to(q.dtype)  # (B, nh, 1, hs)
         q = torch.cat([q_cls, q[:, :, 1:]], dim=2)            # (B, nh, T, hs)
         extra = {}
         if attention:
@@ -328,7 +330,8 @@ class RollingQ:
       3. R_new = rotation_matrix(q̄, t), composed as R <- R_new R.
     (The authors take the means from an extra pass over the training set after the epoch; we
     use the forward passes training already makes.) Under torch.distributed the statistics
-    are all-reduced, so every rank rolls at the same epoch with the same rotation.
+    are all-reduced, so every rank rolls at the same epoch with the same rotation. The roll
+    count, which max_rolls bounds, counts the epochs at which any head rolled.
     """
 
     def __init__(self, beta=0.0, sigma=0.0, max_rolls=1):

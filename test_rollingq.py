@@ -1,13 +1,21 @@
 """Specification of rollingq.py: the rotation, the anchor, AIR, the model and the controller."""
 
 import io
+import json
 import math
+import os
+import re
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import data as datasets
+import train
 from rollingq import (Config, MultimodalTransformer, RollingQ, air_from_cosines, attention_imbalance_rate,
                       modality_cosines, modality_leads, rolling_target, rotation_matrix)
 
@@ -255,9 +263,8 @@ def test_heads_roll_independently():
     with torch.no_grad():
         out = model(xs, stats=True)
     air = attention_imbalance_rate(out.query, out.key_means)     # (nh,)
+    assert air[0].abs() != air[1].abs()
     beta = float(air.abs().mean())                               # between the two heads' |AIR|
-    if air[0].abs() == air[1].abs():
-        pytest.skip("both heads have the same |AIR|")
     controller = RollingQ(beta=beta)
     controller.observe(out)
     record = controller.step(model)
@@ -306,15 +313,6 @@ def test_concat_fusion_has_no_attention_layer():
 
 # ----------------------------------------------------------------------------------------
 # data.py: the built-in set and the .npz loader
-
-import json
-import os
-import subprocess
-import sys
-
-import numpy as np
-
-import data as datasets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -393,8 +391,6 @@ def test_load_npz_refuses_a_missing_file_and_a_file_that_is_no_npz(tmp_path):
 # ----------------------------------------------------------------------------------------
 # train.py: end to end
 
-import train
-
 TINY = ["--epochs", "2", "--width", "16", "--layers", "1", "--batch-size", "32"]
 
 
@@ -450,6 +446,24 @@ def test_same_seed_gives_identical_metrics(tiny_npz):
     assert a == b
     c = run_in_process(["--rollingq", *TINY, "--seed", "4"], d)
     assert c["epochs"] != a["epochs"]
+
+
+@pytest.mark.parametrize("case", list(BAD_NPZ))
+def test_train_refuses_each_bad_npz_in_one_line_with_status_2(tmp_path, capsys, case):
+    change, message = BAD_NPZ[case]
+    with pytest.raises(SystemExit) as exit:
+        train.cli(["--data", str(small_npz(tmp_path / "bad.npz", **change))])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert re.search(message, err)
+
+
+def test_rollingq_moves_air_toward_zero_relative_to_vanilla(tiny_npz):
+    d = datasets.load_npz(tiny_npz)
+    for seed in ("0", "1"):
+        vanilla = run_in_process([*TINY, "--epochs", "3", "--seed", seed], d)["final"]["air"]
+        rolled = run_in_process(["--rollingq", *TINY, "--epochs", "3", "--seed", seed], d)["final"]["air"]
+        assert abs(rolled) < abs(vanilla)
 
 
 def test_cli_bad_input_gets_one_line_and_exit_status_2(tmp_path, tiny_npz):

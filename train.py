@@ -11,7 +11,6 @@ Each epoch prints one line; --out DIR writes DIR/metrics.json (see README).
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -48,8 +47,13 @@ class UsageError(Exception):
     """A bad argument or file: reported in one line, exit status 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):                         # one line, like every other refusal
+        raise UsageError(f"{message} (see --help)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Train a multimodal Transformer with attention fusion, with or without RollingQ "
                     "(Ni et al., ICML 2025), and report accuracy, AIR and attention shares.",
         formatter_class=HelpFormatter)
@@ -72,7 +76,7 @@ def parse_args(argv=None):
     g.add_argument("--layers", type=int, default=2, help="Transformer blocks per modality encoder")
     g.add_argument("--encoder-heads", type=int, default=4, help="attention heads in the encoder blocks")
     g.add_argument("--heads", type=int, default=1, help="fusion attention heads (the paper uses 1)")
-    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, batch order and noise")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch order")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     g = p.add_argument_group("files")
     g.add_argument("--out", metavar="DIR", help="write DIR/metrics.json")
@@ -97,14 +101,28 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     positive = ("epochs", "batch_size", "lr", "width", "layers", "encoder_heads", "heads", "seeds", "bench_steps")
     for name in positive:
-        if getattr(args, name) <= 0:
+        if not getattr(args, name) > 0:                # also refuses nan
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.beta < 0 or args.sigma < 0 or (args.max_rolls is not None and args.max_rolls < 0):
+    if not (args.beta >= 0 and args.sigma >= 0 and (args.max_rolls is None or args.max_rolls >= 0)):
         raise UsageError("--beta, --sigma and --max-rolls must be >= 0")
     if args.eval_only and not args.load:
         raise UsageError("--eval-only needs --load PATH (a model saved with --save)")
     if args.rollingq and args.fusion == "concat":
         raise UsageError("--rollingq rolls the fusion attention's query; it needs --fusion attention")
+    if args.bench and args.fusion == "concat":
+        raise UsageError("--bench times RollingQ against vanilla attention; it needs --fusion attention")
+    if (args.compare or args.bench) and (args.load or args.eval_only):
+        raise UsageError("--compare and --bench train fresh models; they take no --load or --eval-only")
+    if args.compare and args.bench:
+        raise UsageError("choose one of --compare and --bench")
+    if args.plot and not args.compare:
+        raise UsageError("--plot draws the --compare results; add --compare")
+    if (args.compare or args.bench) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--compare and --bench run in one process; start them with python, not torchrun")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a directory")
+    if args.save and Path(args.save).is_dir():
+        raise UsageError(f"--save {args.save}: is a directory; give a file path such as {args.save}/model.pt")
     for name in ("heads", "encoder_heads"):
         if args.width % getattr(args, name):
             raise UsageError(f"--width {args.width} must be divisible by --{name.replace('_', '-')} {getattr(args, name)}")
@@ -115,9 +133,13 @@ def get_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device; expected cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -127,7 +149,7 @@ def get_device(name):
 
 def noise_like(x, generator):
     """Gaussian noise with the per-position mean and std of x over samples: (N, L, D)."""
-    mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True)          # (1, L, D)
+    mean, std = x.mean(0, keepdim=True), x.std(0, correction=0, keepdim=True)   # (1, L, D)
     z = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
     return mean + std * z
 
@@ -138,7 +160,7 @@ def evaluate(model, xs, y, batch_size=512):
     share per modality, AIR and the key gap, over the whole set."""
     model.eval()
     attention_fusion = model.cfg.fusion == "attention"
-    correct, probe_correct, shares, cos, queries, keys = 0, 0, 0, 0, 0, 0
+    correct, probe_correct, shares, cos, keys = 0, 0, 0, 0, 0
     for i in range(0, len(y), batch_size):
         out = model([x[i:i + batch_size] for x in xs], stats=attention_fusion, attention=attention_fusion)
         yb = y[i:i + batch_size]
@@ -149,15 +171,16 @@ def evaluate(model, xs, y, batch_size=512):
             shares += (mass / mass.sum(-1, keepdim=True)).mean(1).sum(0)  # (M,) share among modalities
             q, K = out.query.float(), out.key_means.float()               # (B, nh, hs), (B, nh, M, hs)
             cos += modality_cosines(q, K).sum(0)                          # (nh, M)
-            queries, keys = queries + q.sum(0), keys + K.sum(0)
+            keys = keys + K.sum(0)                                        # (nh, M, hs)
     model.train()
     n, names = len(y), list(model.cfg.modalities)
     result = {"acc": float(correct) / n,
               "probe_acc": {m: float(c) / n for m, c in zip(names, probe_correct)}}
     if attention_fusion:
         result["attention"] = {m: float(s) / n for m, s in zip(names, shares)}
-        # AIR, per head, averaged over heads (one head in the paper)
-        result["air"] = float(air_from_cosines(cos / n).mean())
+        air = air_from_cosines(cos / n)                                   # (nh,)
+        result["air_heads"] = air.tolist()
+        result["air"] = float(air.mean())                                 # one head in the paper
         result["key_gap"] = key_gap(keys / n)
     return result
 
@@ -187,8 +210,8 @@ def final_evaluation(model, data, device):
              "probe_acc": results["clean"]["probe_acc"]}
     if model.cfg.fusion == "attention":
         final["attention"] = {c: r["attention"] for c, r in results.items()}
-        final["air"] = results["clean"]["air"]
-        final["key_gap"] = results["clean"]["key_gap"]
+        for key in ("air", "air_heads", "key_gap"):
+            final[key] = results["clean"][key]
     return final
 
 
@@ -220,6 +243,11 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
 
 
+def bf16_autocast(device):
+    """bf16 autocast on CUDA, nothing on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def train_step(model, xs, y, optimizer, controller, autocast):
     """One optimisation step on a batch; RollingQ only reads what the forward pass made."""
     with autocast:
@@ -244,6 +272,7 @@ def run(args, data, device, log=print):
         raise UsageError(f"--rollingq: the model in {args.load} uses {model.cfg.fusion} fusion, not attention")
     model.to(device)
     config = {k: v for k, v in vars(args).items() if k not in ("compare", "seeds", "plot", "bench", "bench_steps")}
+    config["model"] = asdict(model.cfg)                   # the architecture in use (a loaded one, with --load)
     metrics = {"config": config, "epochs": [], "final": None}
     if args.eval_only:
         metrics["final"] = final_evaluation(model, data, device)
@@ -255,7 +284,9 @@ def run(args, data, device, log=print):
             model, device_ids=[device.index] if device.type == "cuda" else None)
     controller = RollingQ(args.beta, args.sigma, args.max_rolls) if args.rollingq else None
     optimizer = make_optimizer(model, args)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = bf16_autocast(device)
+    if args.batch_size < world:
+        raise UsageError(f"--batch-size {args.batch_size} is smaller than the {world} processes it is split across")
     # in-memory data: moved to the device once, batches are index slices there
     xs, y = [x.to(device) for x in data.train_x], data.train_y.to(device)
     test_xs, test_y = [x.to(device) for x in data.test_x], data.test_y.to(device)
@@ -265,7 +296,7 @@ def run(args, data, device, log=print):
         t0 = time.perf_counter()
         order = torch.randperm(len(y), generator=g).to(device)
         total_loss, steps = torch.zeros((), device=device), 0
-        for start in range(0, len(y), args.batch_size):
+        for start in range(0, len(y) - world + 1, args.batch_size):   # no rank gets an empty share
             idx = order[start:start + args.batch_size].tensor_split(world)[rank]   # this rank's share
             total_loss += train_step(ddp_model, [x[idx] for x in xs], y[idx], optimizer, controller, autocast)
             steps += 1
@@ -322,7 +353,7 @@ def load_checkpoint(path, data):
         raise UsageError(f"--load {path}: no such file") from None
     except Exception as e:
         raise UsageError(f"--load {path}: not a checkpoint written by --save ({type(e).__name__})") from None
-    if cfg.modalities != data.modalities or cfg.n_classes != data.n_classes:
+    if list(cfg.modalities.items()) != list(data.modalities.items()) or cfg.n_classes != data.n_classes:
         raise UsageError(f"--load {path}: the model expects modalities {cfg.modalities} and "
                          f"{cfg.n_classes} classes, the data has {data.modalities} and {data.n_classes}")
     return model
@@ -424,7 +455,7 @@ def bench(args, data, device, rounds=5):
         controller = RollingQ(args.beta, args.sigma, max_rolls=None) if name == "RollingQ" else None
         setups[name] = (model, make_optimizer(model, args), controller)
     xs, y = [x.to(device) for x in data.train_x], data.train_y.to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = bf16_autocast(device)
     g = torch.Generator().manual_seed(args.seed)
     seconds = {name: 0.0 for name in setups}
     for r in range(rounds + 1):                        # round 0 warms up and is not counted
@@ -492,9 +523,14 @@ def write_json(path, obj):
     print(f"wrote {path}")
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main() with every refusal as one line on stderr and exit status 2, never a traceback."""
     try:
-        main()
-    except (UsageError, datasets.DataError) as e:
+        main(argv)
+    except (UsageError, datasets.DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
