@@ -232,10 +232,10 @@ class FusionAttention(Attention):
         self.register_buffer("rolls", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def roll(self, R_new, heads):
-        """Compose a new rotation into the chosen heads: R <- R_new R (in float64)."""
-        for h in heads:
-            self.R[h] = (R_new[h].double() @ self.R[h].double()).to(self.R.dtype)
+    def roll(self, rotations):
+        """Compose new rotations {head: R_new (hs, hs)} into those heads: R <- R_new R (in float64)."""
+        for h, R_new in rotations.items():
+            self.R[h] = (R_new.double() @ self.R[h].double()).to(self.R.dtype)
         self.rolls += 1
 
     def forward(self, x, stats=False, attention=False):       # x: (B, T, C), T = 1 + sum L_m
@@ -343,32 +343,34 @@ class RollingQ:
         self.reset()
 
     def reset(self):
-        self.epoch = None                                     # [n, ΣK̄] over the epoch
-        self.last = None                                      # [n, Σq, Σcos] of the last batch
+        self.n, self.key_sum = 0, None                        # samples and ΣK̄ over the epoch
+        self.last = None                                      # (q, K̄) of the last batch
 
     @torch.no_grad()
     def observe(self, out: Output):
+        """Per training step: one running sum, no host-device synchronisation."""
         if out.query is None or out.key_means is None:
             raise ValueError("RollingQ.observe needs the output of model(xs, stats=True)")
-        q, K = out.query.float(), out.key_means.float()      # (B, nh, hs), (B, nh, M, hs)
-        n = torch.tensor(float(q.shape[0]), device=q.device)
-        self.last = [n, q.sum(0), modality_cosines(q, K).sum(0)]   # (), (nh, hs), (nh, M)
-        batch = [n, K.sum(0)]                                 # (), (nh, M, hs)
-        self.epoch = batch if self.epoch is None else [s + b for s, b in zip(self.epoch, batch)]
+        K = out.key_means.detach().float()                    # (B, nh, M, hs)
+        self.last = (out.query.detach().float(), K)           # (B, nh, hs), (B, nh, M, hs)
+        self.n += K.shape[0]
+        self.key_sum = K.sum(0) if self.key_sum is None else self.key_sum + K.sum(0)   # (nh, M, hs)
 
     def _gathered(self):
         """Means over the samples of every rank: q̄ (nh, hs), K̄ (nh, M, hs), mean cos (nh, M)."""
-        sums = self.epoch + self.last
+        q, K = self.last
+        sums = [torch.tensor([float(self.n), float(q.shape[0])], device=q.device),
+                self.key_sum, q.sum(0), modality_cosines(q, K).sum(0)]
         flat = torch.cat([s.reshape(-1) for s in sums])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flat)
-        n_epoch, K, n_last, q, cos = (p.view_as(s) for p, s in zip(flat.split([s.numel() for s in sums]), sums))
-        return q / n_last, K / n_epoch, cos / n_last
+        counts, key_sum, q_sum, cos_sum = (p.view_as(s) for p, s in zip(flat.split([s.numel() for s in sums]), sums))
+        return q_sum / counts[1], key_sum / counts[0], cos_sum / counts[1]
 
     @torch.no_grad()
     def step(self, model):
         """End of epoch: roll where the condition holds. Returns a record of what it did."""
-        if self.epoch is None:
+        if self.last is None:
             raise ValueError("RollingQ.step: observe() saw no batch since the last step")
         fusion = model.fusion
         q_mean, K_mean, cos = self._gathered()                # (nh, hs), (nh, M, hs), (nh, M)
@@ -377,9 +379,8 @@ class RollingQ:
         if self.max_rolls is None or int(fusion.rolls) < self.max_rolls:
             heads = [h for h in range(len(air)) if abs(float(air[h])) > self.beta]
         if heads:
-            R_new = torch.stack([rotation_matrix(q_mean[h], rolling_target(q_mean[h], K_mean[h], self.sigma))
-                                 if h in heads else torch.eye(q_mean.shape[1], device=q_mean.device)
-                                 for h in range(len(air))])  # (nh, hs, hs)
-            fusion.roll(R_new, heads)
+            # per head: the anchor t, then R_new with R_new q̄ = t
+            fusion.roll({h: rotation_matrix(q_mean[h], rolling_target(q_mean[h], K_mean[h], self.sigma))
+                         for h in heads})
         self.reset()
         return {"air": air.tolist(), "rolled": bool(heads), "rolls": int(fusion.rolls), "heads": heads}

@@ -103,7 +103,7 @@ def test_ten_thousand_composed_rolls_stay_orthogonal():
     g = torch.Generator().manual_seed(0)
     for _ in range(10_000):
         src, dst = torch.randn(2, 16, generator=g)
-        fusion.roll(rotation_matrix(src, dst)[None], heads=[0])
+        fusion.roll({0: rotation_matrix(src, dst)})
     R = fusion.R[0].double()
     assert fusion.R.dtype == torch.float32 and int(fusion.rolls) == 10_000
     assert (R @ R.T - torch.eye(16, dtype=torch.float64)).abs().max() < 1e-5
@@ -211,8 +211,7 @@ def test_the_rotation_touches_only_the_cls_query(heads, seed):
     plain, _ = model.fusion(x)
     g = torch.Generator().manual_seed(seed + 1)
     hs = 16 // heads
-    model.fusion.roll(torch.stack([rotation_matrix(*torch.randn(2, hs, generator=g)) for _ in range(heads)]),
-                      heads=range(heads))
+    model.fusion.roll({h: rotation_matrix(*torch.randn(2, hs, generator=g)) for h in range(heads)})
     rolled, _ = model.fusion(x)
     assert torch.equal(rolled[:, 1:], plain[:, 1:])             # every other token: bit for bit
     assert not torch.allclose(rolled[:, 0], plain[:, 0])        # the CLS output did change
