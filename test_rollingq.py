@@ -503,11 +503,11 @@ def test_bench_reports_a_time_ratio(tiny_npz, capsys):
 def test_torchrun_ranks_roll_identically(tmp_path, tiny_npz):
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train.py"), "--data", tiny_npz, "--rollingq", "--max-rolls", "2",
-                        *TINY, "--device", "cpu", "--out", str(out)],
+                        os.path.join(HERE, "train.py"), "--data", tiny_npz, "--rollingq", *TINY, "--epochs", "3",
+                        "--device", "cpu", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["distributed"] == {"world_size": 2, "ranks_agree": True}
-    assert [e["rolled"] for e in m["epochs"]] == [True, True]
-    assert sum(line.startswith("epoch ") for line in r.stdout.splitlines()) == 2   # rank 0 alone prints
+    assert [e["rolled"] for e in m["epochs"]] == [True, True, False]           # no roll after the last epoch
+    assert sum(line.startswith("epoch ") for line in r.stdout.splitlines()) == 3   # rank 0 alone prints

@@ -303,7 +303,9 @@ def run(args, data, device, log=print):
         if world > 1:
             dist.all_reduce(total_loss)                   # the mean over ranks
             total_loss /= world
-        record = controller.step(model) if controller is not None else {"rolled": False}
+        # a roll steers the training that follows it; after the last epoch none follows
+        rolling = controller is not None and epoch < args.epochs
+        record = controller.step(model) if rolling else {"rolled": False}
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_seconds += time.perf_counter() - t0
