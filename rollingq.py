@@ -256,9 +256,10 @@ class FusionAttention(Attention):
         else:
             p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, nh, T, hs)
-        if stats:
-            extra["query"] = q_cls[:, :, 0]                   # (B, nh, hs), the query in use: R q
-            extra["key_means"] = torch.stack([k[:, :, a:b].mean(2) for a, b in self.spans], 2)  # (B, nh, M, hs)
+        if stats:                                             # detached: statistics, not part of the loss
+            extra["query"] = q_cls[:, :, 0].detach()          # (B, nh, hs), the query in use: R q
+            kd = k.detach()
+            extra["key_means"] = torch.stack([kd[:, :, a:b].mean(2) for a, b in self.spans], 2)  # (B, nh, M, hs)
         return self.merge(y), extra
 
 
@@ -351,8 +352,8 @@ class RollingQ:
         """Per training step: one running sum, no host-device synchronisation."""
         if out.query is None or out.key_means is None:
             raise ValueError("RollingQ.observe needs the output of model(xs, stats=True)")
-        K = out.key_means.detach().float()                    # (B, nh, M, hs)
-        self.last = (out.query.detach().float(), K)           # (B, nh, hs), (B, nh, M, hs)
+        K = out.key_means.float()                             # (B, nh, M, hs)
+        self.last = (out.query.float(), K)                    # (B, nh, hs), (B, nh, M, hs)
         self.n += K.shape[0]
         self.key_sum = K.sum(0) if self.key_sum is None else self.key_sum + K.sum(0)   # (nh, M, hs)
 

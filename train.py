@@ -92,7 +92,7 @@ def parse_args(argv=None):
                                                  "(needs matplotlib)")
     g.add_argument("--bench", action="store_true",
                    help="print training samples/s without and with RollingQ, side by side, and their ratio")
-    g.add_argument("--bench-steps", type=int, default=40, help="steps per timed block in --bench")
+    g.add_argument("--bench-steps", type=int, default=20, help="steps per timed block in --bench")
     g.add_argument("--preset", choices=sorted(PRESETS), default="small",
                    help="paper: width 768, 4 encoder layers of 12 heads, 1 fusion head, hundreds of tokens "
                         "per modality (a throughput setting; explicit flags still win)")
@@ -446,10 +446,11 @@ def plot(runs, names, path):
 # Benchmark
 
 
-def bench(args, data, device, rounds=5):
+def bench(args, data, device, rounds=21):
     """Training samples/s without and with RollingQ, measured side by side in one process:
     the same batches, timed blocks of --bench-steps steps in alternating order; each RollingQ
-    block ends with a roll (the once-per-epoch cost, here paid every block)."""
+    block ends with a roll (the once-per-epoch cost, here paid every block). The ratio is the
+    median over rounds of the two blocks' time ratio, which shrugs off a noisy round."""
     setups = {}
     for name in ("vanilla", "RollingQ"):
         torch.manual_seed(args.seed)
@@ -459,7 +460,7 @@ def bench(args, data, device, rounds=5):
     xs, y = [x.to(device) for x in data.train_x], data.train_y.to(device)
     autocast = bf16_autocast(device)
     g = torch.Generator().manual_seed(args.seed)
-    seconds = {name: 0.0 for name in setups}
+    seconds = {name: [] for name in setups}
     for r in range(rounds + 1):                        # round 0 warms up and is not counted
         batches = [torch.randint(len(y), (args.batch_size,), generator=g).to(device) for _ in range(args.bench_steps)]
         for name in (("vanilla", "RollingQ") if r % 2 else ("RollingQ", "vanilla")):
@@ -474,16 +475,16 @@ def bench(args, data, device, rounds=5):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if r > 0:
-                seconds[name] += time.perf_counter() - t0
+                seconds[name].append(time.perf_counter() - t0)
         print(f"round {r}/{rounds}" + (" (warm-up)" if r == 0 else ""), flush=True)
     samples = rounds * args.bench_steps * args.batch_size
-    rate = {name: samples / s for name, s in seconds.items()}
-    ratio = seconds["RollingQ"] / seconds["vanilla"]
+    rate = {name: samples / sum(s) for name, s in seconds.items()}
+    ratio = statistics.median(r / v for r, v in zip(seconds["RollingQ"], seconds["vanilla"]))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device {name}  preset {args.preset}  batch {args.batch_size}  {rounds} x {args.bench_steps} steps each")
+    print(f"device {name}  preset {args.preset}  batch {args.batch_size}  {rounds} rounds x {args.bench_steps} steps each")
     print(f"vanilla   {rate['vanilla']:9.1f} samples/s")
     print(f"RollingQ  {rate['RollingQ']:9.1f} samples/s")
-    print(f"time ratio RollingQ / vanilla = {ratio:.3f}")
+    print(f"time ratio RollingQ / vanilla = {ratio:.3f} (median over rounds)")
     return {"device": name, "samples_per_s": rate, "time_ratio": ratio}
 
 
