@@ -64,7 +64,7 @@ def parse_args(argv=None):
     g.add_argument("--beta", type=float, default=0.0, help="roll only when |AIR| > beta")
     g.add_argument("--sigma", type=float, default=0.0, help="anchor lean toward the weaker modality (0: bisector)")
     g.add_argument("--max-rolls", type=int, default=None,
-                   help="roll at most this many times in a run (default: no limit, every epoch with |AIR| > beta; "
+                   help="roll at most this many times in a run (default: no limit: every epoch but the last, while |AIR| > beta; "
                         "the authors use 1, see README)")
     g = p.add_argument_group("model and training")
     g.add_argument("--data", metavar="PATH.npz", help="real features (see README); default: built-in synthetic data")
