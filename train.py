@@ -40,7 +40,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where there is one to show."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 class UsageError(Exception):
