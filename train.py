@@ -117,8 +117,11 @@ def parse_args(argv=None):
         raise UsageError("choose one of --compare and --bench")
     if args.plot and not args.compare:
         raise UsageError("--plot draws the --compare results; add --compare")
-    if (args.compare or args.bench) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if (args.compare or args.bench) and world > 1:
         raise UsageError("--compare and --bench run in one process; start them with python, not torchrun")
+    if args.batch_size < world:
+        raise UsageError(f"--batch-size {args.batch_size} is smaller than the {world} processes it is split across")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a directory")
     if args.save and Path(args.save).is_dir():
@@ -197,13 +200,12 @@ def key_gap(key_means):
     return float((1 - sim[:, pairs[0], pairs[1]]).mean())
 
 
-def final_evaluation(model, data, device):
+def final_evaluation(model, xs, y, names):
     """Clean test set, then each modality in turn replaced by Gaussian noise (drawn from a
     fixed seed, so every model meets the same noisy inputs)."""
     g = torch.Generator().manual_seed(0)
-    xs, y = [x.to(device) for x in data.test_x], data.test_y.to(device)
     conditions = {"clean": xs}
-    for j, m in enumerate(data.names):
+    for j, m in enumerate(names):
         conditions[f"noise:{m}"] = [noise_like(x, g) if i == j else x for i, x in enumerate(xs)]
     results = {c: evaluate(model, cxs, y) for c, cxs in conditions.items()}
     final = {"acc": {c: r["acc"] for c, r in results.items()},
@@ -274,8 +276,10 @@ def run(args, data, device, log=print):
     config = {k: v for k, v in vars(args).items() if k not in ("compare", "seeds", "plot", "bench", "bench_steps")}
     config["model"] = asdict(model.cfg)                   # the architecture in use (a loaded one, with --load)
     metrics = {"config": config, "epochs": [], "final": None}
+    # in-memory data: moved to the device once, batches are index slices there
+    test_xs, test_y = [x.to(device) for x in data.test_x], data.test_y.to(device)
     if args.eval_only:
-        metrics["final"] = final_evaluation(model, data, device)
+        metrics["final"] = final_evaluation(model, test_xs, test_y, data.names)
         return model, metrics
 
     ddp_model = model
@@ -285,11 +289,7 @@ def run(args, data, device, log=print):
     controller = RollingQ(args.beta, args.sigma, args.max_rolls) if args.rollingq else None
     optimizer = make_optimizer(model, args)
     autocast = bf16_autocast(device)
-    if args.batch_size < world:
-        raise UsageError(f"--batch-size {args.batch_size} is smaller than the {world} processes it is split across")
-    # in-memory data: moved to the device once, batches are index slices there
     xs, y = [x.to(device) for x in data.train_x], data.train_y.to(device)
-    test_xs, test_y = [x.to(device) for x in data.test_x], data.test_y.to(device)
     g = torch.Generator().manual_seed(args.seed)          # same order on every rank
     train_seconds = 0.0
     for epoch in range(1, args.epochs + 1):
@@ -319,7 +319,7 @@ def run(args, data, device, log=print):
             rolls = int(model.fusion.rolls) if model.cfg.fusion == "attention" else 0
             log(f"epoch {epoch:3d}/{args.epochs}  loss {row['train_loss']:.4f}  test_acc {ev['acc']:.4f}  "
                 f"air {air}  rolls {rolls}  {time.perf_counter() - t0:.1f}s")
-    metrics["final"] = final_evaluation(model, data, device)
+    metrics["final"] = final_evaluation(model, test_xs, test_y, data.names)
     metrics["final"]["train_seconds"] = train_seconds
     if world > 1:
         metrics["distributed"] = {"world_size": world, "ranks_agree": ranks_agree(model, metrics)}
