@@ -37,14 +37,17 @@ class Data:
 
 @dataclass
 class Modality:
-    """One synthetic modality. Its tokens are `signal` * (class prototype) + N(0, 1) noise;
-    for a fraction `corrupt` of the samples it carries no class signal at all (pure noise), so
-    the best fusion differs from sample to sample."""
+    """One synthetic modality. Its tokens are s * `signal` * (class prototype) + N(0, 1) noise,
+    with s = 1, or with `flip` a random sign per sample: then the class lies in the pattern's
+    shape, not its sign, so the encoder must learn a non-linear read-out, and learns it more
+    slowly. For a fraction `corrupt` of the samples the modality carries no class signal at all
+    (pure noise), so the best fusion differs from sample to sample."""
     name: str
     tokens: int                       # L: tokens per sample
     features: int                     # D: features per token
-    signal: float                     # class-signal amplitude; the larger, the faster it is learned
+    signal: float                     # class-signal amplitude
     corrupt: float                    # probability that a sample's copy of this modality is pure noise
+    flip: bool = False                # a random sign per sample: a slower, non-linear read-out
 
 
 # The default: audio strong (learned first), visual weaker but informative; each is pure
@@ -68,7 +71,8 @@ def synthetic(seed=0, n_train=4000, n_test=2000, n_classes=8, modalities=DEFAULT
     for j, m in enumerate(modalities):
         prototypes = g.standard_normal((n_classes, m.tokens, m.features))  # (C, L, D)
         clean = ~corrupt[:, j, None, None]                                  # (N, 1, 1)
-        x = m.signal * clean * prototypes[y] + g.standard_normal((n, m.tokens, m.features))
+        sign = g.choice([-1.0, 1.0], (n, 1, 1)) if m.flip else 1.0          # (N, 1, 1)
+        x = sign * m.signal * clean * prototypes[y] + g.standard_normal((n, m.tokens, m.features))
         xs.append(torch.from_numpy(x.astype(np.float32)))                 # (N, L, D)
     y = torch.from_numpy(y)
     return Data([m.name for m in modalities], [x[:n_train] for x in xs], y[:n_train],
@@ -99,12 +103,16 @@ def load_npz(path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such file: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise DataError(f"{path} holds a single array (.npy), not a .npz archive of train_*/test_* arrays")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not a .npz archive (expected the output of numpy.savez)")
     try:
         archive = np.load(path, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path} is not a .npz file (expected numpy.savez output): {e}") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(f"{path} holds a single array, not a .npz archive of train_*/test_* arrays")
+        raise DataError(f"{path} is not a readable .npz archive: {e}") from None
     arrays = {}
     with archive:
         for key in archive.files:

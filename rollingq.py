@@ -15,6 +15,18 @@ Read top to bottom:
      query is R q, a classifier on the CLS output and one linear probe per modality;
   3. RollingQ, the controller that gathers statistics during training and rolls the query.
 
+Notation (per fusion head; with nh heads, each head has its own of everything):
+  M           modalities, m = 1..M; modality m has L_m tokens of D_m features
+  B, T, C     batch size, tokens in the fusion layer (T = 1 + sum_m L_m), model width
+  nh, hs      fusion heads and the width of one head (hs = C / nh)
+  q           the CLS query of one sample in the fusion layer, (hs,)
+  k̄_m(x)      the mean key of modality m's tokens for sample x, (hs,)
+  q̄, K̄_m      q and k̄_m(x) averaged over a set of samples; K̄ stacks the K̄_m, (M, hs)
+  k̂_m         the unit mean key K̄_m / |K̄_m|
+  AIR         the attention imbalance rate, mean_x [cos(q, k̄_a(x)) - cos(q, k̄_v(x))]
+  t           the anchor the mean query is rolled onto
+  R           the rotation applied to the CLS query: the layer uses R q instead of q
+
 Depends on torch only: copy this file into your project.
 """
 
@@ -38,7 +50,7 @@ def modality_cosines(query, key_means):
 def modality_leads(cosines):
     """Each modality's cosine lead over the mean of the others: (..., M) -> (..., M).
 
-    lead_m = c_m - mean_{j != m} c_j. For M = 2, lead_0 = c_0 - c_1 is the paper's AIR.
+    lead_m = cos_m - mean_{j != m} cos_j. For M = 2, lead_0 = cos_0 - cos_1 is the paper's AIR.
     """
     M = cosines.shape[-1]
     total = cosines.sum(-1, keepdim=True)
@@ -48,48 +60,61 @@ def modality_leads(cosines):
 def air_from_cosines(cosines):
     """AIR from per-modality cosines already averaged over samples: (..., M) -> (...).
 
-    M = 2: c_0 - c_1 (> 0: modality 0 favoured). M > 2: the largest lead (always >= 0).
+    M = 2: cos_0 - cos_1 (> 0: the first modality is favoured, < 0: the second).
+    M > 2: the largest lead (always >= 0); leading_modality() says whose it is.
     """
     if cosines.shape[-1] == 2:
         return cosines[..., 0] - cosines[..., 1]
     return modality_leads(cosines).max(-1).values
 
 
+def leading_modality(cosines):
+    """Index of the favoured modality, the one with the largest lead: (..., M) -> (...)."""
+    return modality_leads(cosines).argmax(-1)
+
+
 def attention_imbalance_rate(query, key_means):
     """Attention Imbalance Rate over a set of samples (paper, Sec. 3).
 
-    query (N, ..., d): the CLS query of each sample; key_means (N, ..., M, d): the mean key of
+    query (N, ..., hs): the CLS query of each sample; key_means (N, ..., M, hs): the mean key of
     each modality's tokens for each sample. Returns (...): one AIR per head, say.
     """
-    # AIR = mean_x [ cos(q, k̄_a(x)) - cos(q, k̄_v(x)) ]
+    # AIR = mean_x [ cos(q, k̄_a(x)) - cos(q, k̄_v(x)) ]: the mean of per-sample cosines
     return air_from_cosines(modality_cosines(query, key_means).mean(0))
 
 
 def rolling_target(query_mean, key_means, sigma=0.0):
-    """The anchor t the mean query is rolled onto: query_mean (d,), key_means (M, d) -> (d,).
+    """The anchor t the mean query is rolled onto: query_mean q̄ (hs,), key_means K̄ (M, hs) -> (hs,).
 
-    Paper: alpha = (1 + tanh(-sigma * AIR)) / 2, t = alpha k̂_a + (1 - alpha) k̂_v, |t| = |q̄|.
-    For M modalities the same weights are softmax(-2 sigma c) with c_m = cos(q̄, K̄_m); for
-    M = 2 this is exactly alpha, since (1 + tanh(x)) / 2 = sigmoid(2x). sigma = 0 gives the
-    bisector of the unit mean keys; sigma > 0 leans toward the less-attended modality.
+    Paper (M = 2): alpha = (1 + tanh(-sigma * AIR)) / 2, t = alpha k̂_a + (1 - alpha) k̂_v, |t| = |q̄|.
+    For any M: t ∝ sum_m w_m lambda_m k̂_m with w = softmax(-2 sigma c), c_m = cos(q̄, K̄_m) (the
+    cosines of the means), and lambda = G⁺1, G = K̂ K̂ᵀ the Gram matrix of the unit mean keys.
+    lambda makes sum_m lambda_m k̂_m the equiangular vector: equally close to every k̂_m.
+    For M = 2, lambda_a = lambda_v and w_a = sigmoid(-2 sigma AIR) = alpha, so t is the paper's
+    anchor for every sigma; for sigma = 0 t is equally close to all M mean keys. sigma > 0
+    leans toward the less-attended modalities.
     """
     if query_mean.dim() != 1 or key_means.dim() != 2 or key_means.shape[1] != query_mean.shape[0]:
-        raise ValueError(f"rolling_target expects query_mean (d,) and key_means (M, d); "
+        raise ValueError(f"rolling_target expects query_mean (hs,) and key_means (M, hs); "
                          f"got {tuple(query_mean.shape)} and {tuple(key_means.shape)}")
     if key_means.shape[0] < 2:
         raise ValueError(f"rolling_target needs at least 2 modalities, got {key_means.shape[0]}")
-    q = query_mean.double()                                   # (d,)
-    K = key_means.double()                                    # (M, d)
-    if q.norm() == 0 or (K.norm(dim=1) == 0).any():
+    q_bar = query_mean.double()                               # (hs,)
+    K_bar = key_means.double()                                # (M, hs)
+    if q_bar.norm() == 0 or (K_bar.norm(dim=1) == 0).any():
         raise ValueError("rolling_target got a zero vector: the query and mean keys must be non-zero")
-    c = modality_cosines(q, K)                                # (M,)
+    k_hat = F.normalize(K_bar, dim=1)                         # (M, hs) unit mean keys
+    cos_of_means = modality_cosines(q_bar, K_bar)             # (M,) c_m = cos(q̄, K̄_m)
     # w = softmax(-2 sigma c); for M = 2, w_a = alpha = (1 + tanh(-sigma * AIR)) / 2
-    w = torch.softmax(-2.0 * sigma * c, dim=0)                # (M,)
-    # t = sum_m w_m K̄_m / |K̄_m|, rescaled to |q̄|
-    t = (w[:, None] * F.normalize(K, dim=1)).sum(0)           # (d,)
-    if t.norm() == 0:
-        raise ValueError("rolling_target: the weighted unit mean keys cancel out, there is no anchor")
-    return (t * (q.norm() / t.norm())).to(query_mean.dtype)
+    w = torch.softmax(-2.0 * sigma * cos_of_means, dim=0)     # (M,)
+    # lambda = G⁺1: k̂_m · (sum_j lambda_j k̂_j) = (G lambda)_m = 1 for every m
+    gram = k_hat @ k_hat.T                                    # (M, M)
+    lam = torch.linalg.pinv(gram) @ torch.ones_like(w)        # (M,)
+    # t = sum_m w_m lambda_m k̂_m, rescaled to |q̄|
+    t = ((w * lam)[:, None] * k_hat).sum(0)                   # (hs,)
+    if t.norm() <= 1e-12:
+        raise ValueError("rolling_target: the mean keys cancel out (opposite directions), there is no anchor")
+    return (t * (q_bar.norm() / t.norm())).to(query_mean.dtype)
 
 
 def rotation_matrix(src, dst):
@@ -111,21 +136,23 @@ def rotation_matrix(src, dst):
         raise ValueError("rotation_matrix got a zero vector: it has no direction to rotate")
     u = x / x.norm()                                          # (d,) unit source
     v = y / y.norm()                                          # (d,) unit target
-    c = (u @ v).clamp(-1.0, 1.0)                              # cos of the angle
-    w = v - c * u                                             # (d,) in-plane, orthogonal to u
-    s = w.norm()                                              # sin of the angle
+    cos_theta = (u @ v).clamp(-1.0, 1.0)
+    p = v - cos_theta * u                                     # (d,) in the plane, orthogonal to u
+    sin_theta = p.norm()
     eye = torch.eye(d, dtype=torch.float64, device=src.device)
-    if s <= 1e-12:
-        if c > 0:                                             # parallel: nothing to do
+    if sin_theta <= 1e-12:
+        if cos_theta > 0:                                     # parallel: nothing to do
             return eye.to(src.dtype)
         # antipodal: any plane through u will do; take the axis least aligned with u
-        w = eye[u.abs().argmin()] - u[u.abs().argmin()] * u
-        s = torch.zeros((), dtype=torch.float64, device=src.device)
-        c = -torch.ones((), dtype=torch.float64, device=src.device)
-    w = w - (w @ u) * u                                       # re-orthogonalise against u
-    w = w / w.norm()
-    # R = I + (cos θ - 1)(u uᵀ + w wᵀ) + sin θ (w uᵀ - u wᵀ), so R u = cos θ u + sin θ w = v
-    R = eye + (c - 1) * (torch.outer(u, u) + torch.outer(w, w)) + s * (torch.outer(w, u) - torch.outer(u, w))
+        i = u.abs().argmin()
+        p = eye[i] - u[i] * u
+        sin_theta = torch.zeros((), dtype=torch.float64, device=src.device)
+        cos_theta = -torch.ones((), dtype=torch.float64, device=src.device)
+    p = p - (p @ u) * u                                       # re-orthogonalise against u
+    p = p / p.norm()                                          # (d,) unit, orthogonal to u
+    # R = I + (cos θ - 1)(u uᵀ + p pᵀ) + sin θ (p uᵀ - u pᵀ), so R u = cos θ u + sin θ p = v
+    R = (eye + (cos_theta - 1) * (torch.outer(u, u) + torch.outer(p, p))
+         + sin_theta * (torch.outer(p, u) - torch.outer(u, p)))
     return R.to(src.dtype)
 
 
@@ -137,12 +164,13 @@ def rotation_matrix(src, dst):
 class Config:
     modalities: dict                  # name -> (tokens L_m, features D_m), in input order
     n_classes: int
-    d_model: int = 64                 # width of every encoder and of the fusion layer
+    d_model: int = 64                 # width C of every encoder and of the fusion layer
     n_layers: int = 2                 # Transformer blocks per modality encoder
     n_heads: int = 4                  # heads in the encoder blocks
-    fusion_heads: int = 1             # heads in the fusion attention (paper: 1)
+    fusion_heads: int = 1             # heads nh in the fusion attention (paper: 1)
     fusion: str = "attention"         # "attention" (CLS token attends) or "concat" (static)
-    dropout: float = 0.0
+    dropout: float = 0.0              # dropout in the encoder blocks
+    fusion_dropout: float = 0.0       # dropout on the fusion attention weights and output (authors: 0.2)
 
     def __post_init__(self):
         self.modalities = {str(m): (int(L), int(D)) for m, (L, D) in dict(self.modalities).items()}
@@ -155,6 +183,9 @@ class Config:
         for name in ("n_heads", "fusion_heads"):
             if self.d_model % getattr(self, name) != 0:
                 raise ValueError(f"d_model = {self.d_model} must be divisible by {name} = {getattr(self, name)}")
+        for name in ("dropout", "fusion_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 class Attention(nn.Module):
@@ -227,6 +258,7 @@ class FusionAttention(Attention):
     def __init__(self, d_model, n_heads, spans, dropout=0.0):
         super().__init__(d_model, n_heads, dropout)
         self.spans = spans                                    # [(start, end)] of each modality's tokens
+        self.drop = nn.Dropout(dropout)                       # on the output, as the authors
         hs = d_model // n_heads
         self.register_buffer("R", torch.eye(hs).repeat(n_heads, 1, 1))   # (nh, hs, hs)
         self.register_buffer("rolls", torch.zeros((), dtype=torch.long))
@@ -238,29 +270,25 @@ class FusionAttention(Attention):
             self.R[h] = (R_new.double() @ self.R[h].double()).to(self.R.dtype)
         self.rolls += 1
 
-    def forward(self, x, stats=False, attention=False):       # x: (B, T, C), T = 1 + sum L_m
+    def forward(self, x, stats=False):                        # x: (B, T, C), T = 1 + sum L_m
         q, k, v = self.split(x)                               # (B, nh, T, hs)
         # RollingQ: the CLS query becomes R q; as a row vector, (R q)ᵀ = qᵀ Rᵀ (in float32, even
         # under autocast)
         with torch.autocast(x.device.type, enabled=False):
             q_cls = (q[:, :, :1].float() @ self.R.float().transpose(-1, -2)).to(q.dtype)  # (B, nh, 1, hs)
         q = torch.cat([q_cls, q[:, :, 1:]], dim=2)            # (B, nh, T, hs)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)   # (B, nh, T, hs)
         extra = {}
-        if attention:
-            # the plain math, materialised only when the analysis asks for the weights
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, nh, T, T)
-            att = att.softmax(dim=-1)
-            y = att @ v                                       # (B, nh, T, hs)
-            # CLS attention mass on each modality's tokens
-            extra["attention"] = torch.stack([att[:, :, 0, a:b].sum(-1) for a, b in self.spans], -1)  # (B, nh, M)
-        else:
-            p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, nh, T, hs)
         if stats:                                             # detached: statistics, not part of the loss
-            extra["query"] = q_cls[:, :, 0].detach()          # (B, nh, hs), the query in use: R q
-            kd = k.detach()
+            qd, kd = q_cls.detach(), k.detach()
+            extra["query"] = qd[:, :, 0]                      # (B, nh, hs), the query in use: R q
             extra["key_means"] = torch.stack([kd[:, :, a:b].mean(2) for a, b in self.spans], 2)  # (B, nh, M, hs)
-        return self.merge(y), extra
+            # the plain math of SDPA's row 0, before dropout: softmax(R q kᵀ / sqrt(hs))
+            a_cls = (qd @ kd.transpose(-2, -1) / math.sqrt(k.shape[-1])).softmax(-1)   # (B, nh, 1, T)
+            # CLS attention mass on each modality's tokens (the rest is on the CLS token itself)
+            extra["attention"] = torch.stack([a_cls[:, :, 0, a:b].sum(-1) for a, b in self.spans], -1)  # (B, nh, M)
+        return self.drop(self.merge(y)), extra
 
 
 @dataclass
@@ -269,7 +297,7 @@ class Output:
     probe_logits: list                                        # M x (B, n_classes), on detached features
     query: Optional[torch.Tensor] = None                      # (B, nh, hs) CLS query R q, if stats
     key_means: Optional[torch.Tensor] = None                  # (B, nh, M, hs) mean key per modality, if stats
-    attention: Optional[torch.Tensor] = None                  # (B, nh, M) CLS attention mass, if attention
+    attention: Optional[torch.Tensor] = None                  # (B, nh, M) CLS attention mass, if stats
 
 
 class MultimodalTransformer(nn.Module):
@@ -292,23 +320,40 @@ class MultimodalTransformer(nn.Module):
                 start += L
             self.cls = nn.Parameter(0.02 * torch.randn(1, 1, C))
             self.ln = nn.LayerNorm(C)
-            self.fusion = FusionAttention(C, cfg.fusion_heads, spans, cfg.dropout)
+            self.fusion = FusionAttention(C, cfg.fusion_heads, spans, cfg.fusion_dropout)
             self.ln_f = nn.LayerNorm(C)
             self.head = nn.Linear(C, cfg.n_classes)
         else:
             self.head = nn.Linear(M * C, cfg.n_classes)
 
-    def forward(self, xs, stats=False, attention=False):
-        """xs: one tensor (B, L_m, D_m) per modality, in cfg.modalities order."""
-        if len(xs) != len(self.encoders):
-            raise ValueError(f"expected {len(self.encoders)} modality tensors, got {len(xs)}")
-        zs = [enc(x) for enc, x in zip(self.encoders, xs)]   # M x (B, L_m, C)
+    def tokens(self, xs):
+        """Check the inputs against cfg.modalities; (B, D_m) is taken as one token (B, 1, D_m)."""
+        if not isinstance(xs, (list, tuple)) or len(xs) != len(self.encoders):
+            n = len(xs) if isinstance(xs, (list, tuple)) else type(xs).__name__
+            raise ValueError(f"expected a list of {len(self.encoders)} modality tensors "
+                             f"({', '.join(self.cfg.modalities)}), got {n}")
+        out = []
+        for (name, (L, D)), x in zip(self.cfg.modalities.items(), xs):
+            shape = tuple(x.shape)
+            if x.dim() == 2 and L == 1:
+                x = x[:, None, :]                             # (B, D) -> (B, 1, D)
+            if x.dim() != 3 or tuple(x.shape[1:]) != (L, D) or x.shape[0] != xs[0].shape[0]:
+                one = f" or (B, {D})" if L == 1 else ""
+                raise ValueError(f"modality {name!r}: expected a tensor (B, {L}, {D}){one} with the same B "
+                                 f"as the others, got {shape}")
+            out.append(x)
+        return out
+
+    def forward(self, xs, stats=False):
+        """xs: one tensor (B, L_m, D_m) per modality, in cfg.modalities order; (B, D_m) where
+        L_m = 1. stats=True also returns the CLS query, the mean keys and the attention mass."""
+        zs = [enc(x) for enc, x in zip(self.encoders, self.tokens(xs))]   # M x (B, L_m, C)
         pooled = [z.mean(1) for z in zs]                      # M x (B, C)
         probe_logits = [probe(p.detach()) for probe, p in zip(self.probes, pooled)]
         if self.cfg.fusion == "concat":
             return Output(self.head(torch.cat(pooled, -1)), probe_logits)
         x = torch.cat([self.cls.expand(zs[0].shape[0], -1, -1)] + zs, 1)   # (B, T, C)
-        y, extra = self.fusion(self.ln(x), stats=stats, attention=attention)
+        y, extra = self.fusion(self.ln(x), stats=stats)
         x = x + y                                             # (B, T, C)
         logits = self.head(self.ln_f(x[:, 0]))                # (B, n_classes)
         return Output(logits, probe_logits, **extra)
@@ -323,16 +368,16 @@ class RollingQ:
 
     During training, pass every forward output made with stats=True to observe(); no extra
     pass over the data is needed. At the end of each epoch step() does, per fusion head:
-      1. AIR of the last batch (as the authors take it); nothing if |AIR| <= beta or
-         max_rolls is reached;
-      2. t = rolling_target(q̄, K̄, sigma), the anchor, with q̄ the mean query of the last
-         batch (the query moves during the epoch; the roll must turn the one in use now) and
-         K̄ the mean keys over the epoch;
+      1. the roll condition: AIR of the last batch (the mean of per-sample cosine differences,
+         as the authors take it); nothing if |AIR| <= beta or max_rolls is reached;
+      2. the anchor t = rolling_target(q̄, K̄, sigma), with q̄ the mean query of the last batch
+         (the query moves during the epoch; the roll must turn the one in use now) and K̄ the
+         mean keys over the epoch;
       3. R_new = rotation_matrix(q̄, t), composed as R <- R_new R.
     (The authors take the means from an extra pass over the training set after the epoch; we
     use the forward passes training already makes.) Under torch.distributed the statistics
-    are all-reduced, so every rank rolls at the same epoch with the same rotation. The roll
-    count, which max_rolls bounds, counts the epochs at which any head rolled.
+    are summed over ranks, so every rank rolls at the same epoch with the same rotation. The
+    roll count, which max_rolls bounds, counts the epochs at which any head rolled.
     """
 
     def __init__(self, beta=0.0, sigma=0.0, max_rolls=1):
@@ -344,44 +389,62 @@ class RollingQ:
         self.reset()
 
     def reset(self):
-        self.n, self.key_sum = 0, None                        # samples and ΣK̄ over the epoch
-        self.last = None                                      # (q, K̄) of the last batch
+        self.n, self.key_sum = 0, None                        # samples and sum of k̄_m(x) over the epoch
+        self.last = None                                      # (q, k̄) of the last batch
 
     @torch.no_grad()
     def observe(self, out: Output):
         """Per training step: one running sum, no host-device synchronisation."""
         if out.query is None or out.key_means is None:
             raise ValueError("RollingQ.observe needs the output of model(xs, stats=True)")
-        K = out.key_means.float()                             # (B, nh, M, hs)
-        self.last = (out.query.float(), K)                    # (B, nh, hs), (B, nh, M, hs)
-        self.n += K.shape[0]
-        self.key_sum = K.sum(0) if self.key_sum is None else self.key_sum + K.sum(0)   # (nh, M, hs)
-
-    def _gathered(self):
-        """Means over the samples of every rank: q̄ (nh, hs), K̄ (nh, M, hs), mean cos (nh, M)."""
-        q, K = self.last
-        sums = [torch.tensor([float(self.n), float(q.shape[0])], device=q.device),
-                self.key_sum, q.sum(0), modality_cosines(q, K).sum(0)]
-        flat = torch.cat([s.reshape(-1) for s in sums])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flat)
-        counts, key_sum, q_sum, cos_sum = (p.view_as(s) for p, s in zip(flat.split([s.numel() for s in sums]), sums))
-        return q_sum / counts[1], key_sum / counts[0], cos_sum / counts[1]
+        k_bar = out.key_means.float()                         # (B, nh, M, hs) k̄_m(x) per sample
+        self.last = (out.query.float(), k_bar)                # (B, nh, hs), (B, nh, M, hs)
+        self.n += k_bar.shape[0]
+        self.key_sum = k_bar.sum(0) if self.key_sum is None else self.key_sum + k_bar.sum(0)   # (nh, M, hs)
 
     @torch.no_grad()
     def step(self, model):
-        """End of epoch: roll where the condition holds. Returns a record of what it did."""
+        """End of epoch: roll where the condition holds. Returns a record of what it did.
+
+        model: the MultimodalTransformer, or a DistributedDataParallel / torch.compile wrapper of it."""
         if self.last is None:
             raise ValueError("RollingQ.step: observe() saw no batch since the last step")
-        fusion = model.fusion
-        q_mean, K_mean, cos = self._gathered()                # (nh, hs), (nh, M, hs), (nh, M)
-        air = air_from_cosines(cos)                           # (nh,)
+        fusion = fusion_layer(model)
+        q, k_bar = self.last                                  # last batch: (B, nh, hs), (B, nh, M, hs)
+        q_sum, cos_sum, n_last, key_sum, n = sum_over_ranks(
+            q.sum(0), modality_cosines(q, k_bar).sum(0), q.shape[0], self.key_sum, self.n)
+        q_bar = q_sum / n_last                                # (nh, hs) mean query of the last batch
+        K_bar = key_sum / n                                   # (nh, M, hs) mean keys over the epoch
+        # the roll condition: AIR = mean over samples of cos(q, k̄_a(x)) - cos(q, k̄_v(x))
+        air = air_from_cosines(cos_sum / n_last)              # (nh,)
         heads = []
         if self.max_rolls is None or int(fusion.rolls) < self.max_rolls:
             heads = [h for h in range(len(air)) if abs(float(air[h])) > self.beta]
         if heads:
             # per head: the anchor t, then R_new with R_new q̄ = t
-            fusion.roll({h: rotation_matrix(q_mean[h], rolling_target(q_mean[h], K_mean[h], self.sigma))
+            fusion.roll({h: rotation_matrix(q_bar[h], rolling_target(q_bar[h], K_bar[h], self.sigma))
                          for h in heads})
         self.reset()
         return {"air": air.tolist(), "rolled": bool(heads), "rolls": int(fusion.rolls), "heads": heads}
+
+
+def fusion_layer(model):
+    """The FusionAttention of a MultimodalTransformer, through DDP (.module) and torch.compile
+    (._orig_mod) wrappers."""
+    while not hasattr(model, "fusion") and (hasattr(model, "module") or hasattr(model, "_orig_mod")):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    if not isinstance(getattr(model, "fusion", None), FusionAttention):
+        raise ValueError(f"RollingQ.step needs a MultimodalTransformer with attention fusion "
+                         f"(or a DDP / torch.compile wrapper of one), got {type(model).__name__}")
+    return model.fusion
+
+
+def sum_over_ranks(*values):
+    """Each tensor or number summed over the ranks of torch.distributed (as is, without it).
+    One all_reduce of one flat buffer; returns tensors of the same shapes, in the same order."""
+    parts = [torch.as_tensor(v, dtype=torch.float32).to(values[0].device).reshape(-1) for v in values]
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [p.view_as(torch.as_tensor(v)) for p, v in zip(parts, values)]
+    flat = torch.cat(parts)
+    torch.distributed.all_reduce(flat)
+    return [p.view_as(torch.as_tensor(v)) for p, v in zip(flat.split([p.numel() for p in parts]), values)]
