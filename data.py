@@ -50,9 +50,12 @@ class Modality:
     flip: bool = False                # a random sign per sample: a slower, non-linear read-out
 
 
-# The default: audio strong (learned first), visual weaker but informative; each is pure
-# noise on 30 % of the samples, never both on the same sample.
-DEFAULT_MODALITIES = (Modality("audio", 8, 16, 1.0, 0.3), Modality("visual", 8, 16, 0.35, 0.3))
+# The default, built on the paper's premise: both modalities end up about equally informative
+# alone (unimodal accuracy within 5 points), but audio is learned several times faster: its
+# class signal is plain (linear), visual's carries a random sign per sample (non-linear) and is
+# spread over twice as many weaker tokens. Each is pure noise on 30 % of the samples, never
+# both on the same sample. README ("Does it reproduce?") measures these properties.
+DEFAULT_MODALITIES = (Modality("audio", 8, 16, 1.0, 0.3), Modality("visual", 16, 16, 0.7, 0.3, flip=True))
 
 
 def synthetic(seed=0, n_train=4000, n_test=2000, n_classes=8, modalities=DEFAULT_MODALITIES):

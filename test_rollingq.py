@@ -411,7 +411,7 @@ def test_synthetic_data_is_reproducible_from_its_seed():
         datasets.synthetic(seed=4, n_train=50, n_test=10)
     assert all(torch.equal(x, y) for x, y in zip(a.train_x + [a.train_y], b.train_x + [b.train_y]))
     assert not torch.equal(a.train_x[0], c.train_x[0])
-    assert a.modalities == {"audio": (8, 16), "visual": (8, 16)} and a.n_classes == 8
+    assert a.modalities == {"audio": (8, 16), "visual": (16, 16)} and a.n_classes == 8
 
 
 def test_load_npz_reads_tokens_and_vectors(tmp_path):

@@ -39,8 +39,8 @@ PRESETS = {
     "small": {"args": {}, "data": {}},
     "paper": {"args": {"width": 768, "layers": 4, "encoder_heads": 12, "heads": 1, "batch_size": 32},
               "data": {"n_train": 1024, "n_test": 256,
-                       "modalities": (datasets.Modality("audio", 256, 128, 0.6, 0.3),
-                                      datasets.Modality("visual", 196, 128, 0.6, 0.3, flip=True))}},
+                       "modalities": (datasets.Modality("audio", 256, 128, 1.0, 0.3),
+                                      datasets.Modality("visual", 196, 128, 0.7, 0.3, flip=True))}},
 }
 
 
@@ -469,12 +469,8 @@ def run(args, data, device, log=print, on_step=None):
                                   "air_leader": ev.get("air_leader"), "key_gap": ev.get("key_gap"),
                                   "rolled": record["rolled"], "attention": ev.get("attention")})
         if rank == 0:
-            air = "" if "air" not in ev else f"  air {ev['air']:+.3f}" + (f" ({ev['air_leader']})" if "air_leader" in ev else "")
-            share = "" if "attention" not in ev else "  attn " + " ".join(f"{a:.2f}" for a in ev["attention"].values())
-            roll = f"  rolled at batch AIR {record['air'][0]:+.3f}" if record["rolled"] else ""
-            rolls = f"  rolls {int(model.fusion.rolls)}" if controller is not None else ""
-            log(f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  test_acc {ev['acc']:.4f}{air}{share}{rolls}{roll}"
-                f"  {seconds + time.perf_counter() - t0:.1f}s")
+            rolls = int(model.fusion.rolls) if controller is not None else None
+            log(epoch_line(epoch, args.epochs, loss, ev, rolls, record, seconds + time.perf_counter() - t0))
 
     train_seconds = train(model, xs, y, args, args.epochs, device, controller, on_epoch, on_step, log)
     metrics["final"] = final_evaluation(model, test_xs, test_y, data.names)
@@ -482,6 +478,17 @@ def run(args, data, device, log=print, on_step=None):
     if world > 1:
         metrics["distributed"] = {"world_size": world, "ranks_agree": ranks_agree(model, metrics)}
     return model, metrics
+
+
+def epoch_line(epoch, epochs, loss, ev, rolls, record, seconds):
+    """The progress line: loss, test accuracy, AIR (its leader for M > 2), attention shares, rolls."""
+    line = f"epoch {epoch:3d}/{epochs}  loss {loss:.4f}  test_acc {ev['acc']:.4f}"
+    if "air" in ev:
+        line += f"  air {ev['air']:+.3f}" + (f" ({ev['air_leader']})" if "air_leader" in ev else "")
+        line += "  attn " + " ".join(f"{a:.2f}" for a in ev["attention"].values())
+    if rolls is not None:
+        line += f"  rolls {rolls}" + (f"  rolled at batch AIR {record['air'][0]:+.3f}" if record["rolled"] else "")
+    return line + f"  {seconds:.1f}s"
 
 
 def build_model(args, data):
