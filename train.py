@@ -769,7 +769,8 @@ def anatomy(args, data, device, every=5):
 
     def on_step(model, epoch, step, out):
         rolls = int(model.fusion.rolls)
-        if step % every and ref.get("rolls") == rolls:  # always log the first step after a roll
+        # every `every` steps, the last step of each epoch (the batch a roll uses) and the first after a roll
+        if step % every and step != steps_per_epoch and ref.get("rolls") == rolls:
             return
         q, K = out.query.float(), out.key_means.float()                   # (B, nh, hs), (B, nh, M, hs)
         q_bar, K_bar = q.mean(0), K.mean(0)                               # (nh, hs), (nh, M, hs)
@@ -809,7 +810,7 @@ def roll_summary(trace):
         later = [u for u in trace[i:] if u["rolls"] == t["rolls"]]
         one = min(later, key=lambda u: abs(u["epoch"] - (t["epoch"] + 1)))
         back = next((u["epoch"] - t["epoch"] for u in later if abs(u["air"]) >= abs(before) / 2), None)
-        summary.append({"roll": t["rolls"], "after_epoch": round(t["epoch"]), "air_before": before,
+        summary.append({"roll": t["rolls"], "after_epoch": math.floor(t["epoch"]), "air_before": before,
                         "air_after": t["air"], "air_one_epoch_later": one["air"], "query_part": one["query_part"],
                         "key_part": one["key_part"],
                         "epochs_to_half": None if back is None else round(back, 2)})
@@ -828,7 +829,7 @@ def plot_anatomy(trace, names, path):
     for i in range(1, len(trace)):
         if trace[i]["rolls"] != trace[i - 1]["rolls"]:
             for ax in (ax1, ax2):
-                ax.axvline(trace[i]["epoch"], color="grey", lw=0.6)
+                ax.axvline(math.floor(trace[i]["epoch"]), color="grey", lw=0.6)   # at the end of that epoch
     ax1.axhline(0, color="grey", lw=0.8)
     ax1.set(ylabel="AIR", title="Anatomy of a roll (grey lines: rolls)")
     ax1.legend(fontsize=8)
