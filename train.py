@@ -417,15 +417,17 @@ def describe(args, data, model, device, world):
     source = args.data or "built-in synthetic"
     line = (f"data {source}: {shapes} (tokens x features), {len(data.train_y)} train / {len(data.test_y)} test, "
             f"{data.n_classes} classes")
+    if args.load:
+        rolls = f", rolls done: {int(model.fusion.rolls)}" if hasattr(model, "fusion") else ""
+        line += f" | loaded {args.load} ({model.cfg.fusion} fusion{rolls})"
     if args.unimodal:
         line += f" | unimodal {args.unimodal}"
-    elif model.cfg.fusion == "concat":
-        line += " | concat fusion"
-    else:
+    elif not args.eval_only:
         rolls = "none" if args.max_rolls is None else args.max_rolls
-        method = f"RollingQ (beta {args.beta:g}, sigma {args.sigma:g}, max-rolls {rolls})" if args.rollingq \
-            else "vanilla"
-        line += f" | attention fusion, {method}"
+        method = (" fusion" if model.cfg.fusion == "concat" else " fusion, vanilla" if not args.rollingq
+                  else f" fusion, RollingQ (beta {args.beta:g}, sigma {args.sigma:g}, max-rolls {rolls})")
+        line += f" | {model.cfg.fusion}{method}"
+    if hasattr(model, "fusion"):
         line += (f" | AIR > 0: {data.names[0]} favoured, < 0: {data.names[1]}" if len(data.names) == 2
                  else " | AIR: the favoured modality's lead (named)")
     if not args.eval_only:
@@ -940,6 +942,9 @@ def cli(argv=None):
     """main() with every refusal as one line on stderr and exit status 2, never a traceback."""
     try:
         main(argv)
+    except BrokenPipeError:                              # the reader went away (| head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except (UsageError, datasets.DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
