@@ -40,21 +40,23 @@ class Modality:
     """One synthetic modality. Its tokens are s * `signal` * (class prototype) + N(0, 1) noise,
     with s = 1, or with `flip` a random sign per sample: then the class lies in the pattern's
     shape, not its sign, so the encoder must learn a non-linear read-out, and learns it more
-    slowly. For a fraction `corrupt` of the samples the modality carries no class signal at all
-    (pure noise), so the best fusion differs from sample to sample."""
+    slowly. A fraction `corrupt` of the samples is drawn to carry no class signal at all in this
+    modality (pure noise), so the best fusion differs from sample to sample; synthetic() restores
+    one modality where every one was drawn, so the realised fraction is a little lower."""
     name: str
     tokens: int                       # L: tokens per sample
     features: int                     # D: features per token
     signal: float                     # class-signal amplitude
-    corrupt: float                    # probability that a sample's copy of this modality is pure noise
+    corrupt: float                    # probability that a sample's copy is drawn as pure noise (see synthetic)
     flip: bool = False                # a random sign per sample: a slower, non-linear read-out
 
 
 # The default, built on the paper's premise: both modalities end up about equally informative
 # alone (unimodal accuracy within 5 points), but audio is learned several times faster: its
 # class signal is plain (linear), visual's carries a random sign per sample (non-linear) and is
-# spread over twice as many weaker tokens. Each is pure noise on 30 % of the samples, never
-# both on the same sample. README ("Does it reproduce?") measures these properties.
+# spread over twice as many weaker tokens. Each is drawn as pure noise for 30 % of the samples;
+# where both were, one is restored, so each ends up noise on about 25.5 %, never both.
+# README ("Does it reproduce?") measures these properties.
 DEFAULT_MODALITIES = (Modality("audio", 8, 16, 1.0, 0.3), Modality("visual", 16, 16, 0.7, 0.3, flip=True))
 
 
@@ -72,7 +74,7 @@ def synthetic(seed=0, n_train=4000, n_test=2000, n_classes=8, modalities=DEFAULT
     corrupt[all_bad, g.integers(0, M, all_bad.sum())] = False
     xs = []
     for j, m in enumerate(modalities):
-        prototypes = g.standard_normal((n_classes, m.tokens, m.features))  # (C, L, D)
+        prototypes = g.standard_normal((n_classes, m.tokens, m.features))  # (n_classes, L, D)
         clean = ~corrupt[:, j, None, None]                                  # (N, 1, 1)
         sign = g.choice([-1.0, 1.0], (n, 1, 1)) if m.flip else 1.0          # (N, 1, 1)
         x = sign * m.signal * clean * prototypes[y] + g.standard_normal((n, m.tokens, m.features))
@@ -104,6 +106,8 @@ def load_npz(path):
     integers 0..C-1. Anything else raises DataError saying what was wrong.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give the path of one .npz file")
     if not path.is_file():
         raise DataError(f"no such file: {path}")
     with open(path, "rb") as f:

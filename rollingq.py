@@ -83,16 +83,18 @@ def attention_imbalance_rate(query, key_means):
     return air_from_cosines(modality_cosines(query, key_means).mean(0))
 
 
-def rolling_target(query_mean, key_means, sigma=0.0):
+def rolling_target(query_mean, key_means, sigma=0.0, cosines=None):
     """The anchor t the mean query is rolled onto: query_mean q̄ (hs,), key_means K̄ (M, hs) -> (hs,).
 
     Paper (M = 2): alpha = (1 + tanh(-sigma * AIR)) / 2, t = alpha k̂_a + (1 - alpha) k̂_v, |t| = |q̄|.
-    For any M: t ∝ sum_m w_m lambda_m k̂_m with w = softmax(-2 sigma c), c_m = cos(q̄, K̄_m) (the
-    cosines of the means), and lambda = G⁺1, G = K̂ K̂ᵀ the Gram matrix of the unit mean keys.
-    lambda makes sum_m lambda_m k̂_m the equiangular vector: equally close to every k̂_m.
-    For M = 2, lambda_a = lambda_v and w_a = sigmoid(-2 sigma AIR) = alpha, so t is the paper's
-    anchor for every sigma; for sigma = 0 t is equally close to all M mean keys. sigma > 0
-    leans toward the less-attended modalities.
+    For any M: t ∝ sum_m w_m lambda_m k̂_m with w = softmax(-2 sigma c) and lambda = G⁺1,
+    G = K̂ K̂ᵀ the Gram matrix of the unit mean keys: lambda makes sum_m lambda_m k̂_m the
+    equiangular vector, equally close to every k̂_m. c (M,): `cosines`, the per-sample cosines
+    averaged over samples, whose difference is the paper's AIR (RollingQ.step passes them);
+    without them, c_m = cos(q̄, K̄_m), the cosines of the means. For M = 2, lambda_a = lambda_v
+    and w_a = sigmoid(-2 sigma (c_a - c_v)) = alpha, so t is the paper's anchor for every sigma;
+    for sigma = 0 t is equally close to all M mean keys. sigma > 0 leans toward the
+    less-attended modalities.
     """
     if query_mean.dim() != 1 or key_means.dim() != 2 or key_means.shape[1] != query_mean.shape[0]:
         raise ValueError(f"rolling_target expects query_mean (hs,) and key_means (M, hs); "
@@ -104,9 +106,9 @@ def rolling_target(query_mean, key_means, sigma=0.0):
     if q_bar.norm() == 0 or (K_bar.norm(dim=1) == 0).any():
         raise ValueError("rolling_target got a zero vector: the query and mean keys must be non-zero")
     k_hat = F.normalize(K_bar, dim=1)                         # (M, hs) unit mean keys
-    cos_of_means = modality_cosines(q_bar, K_bar)             # (M,) c_m = cos(q̄, K̄_m)
+    c = modality_cosines(q_bar, K_bar) if cosines is None else cosines.double()   # (M,)
     # w = softmax(-2 sigma c); for M = 2, w_a = alpha = (1 + tanh(-sigma * AIR)) / 2
-    w = torch.softmax(-2.0 * sigma * cos_of_means, dim=0)     # (M,)
+    w = torch.softmax(-2.0 * sigma * c, dim=0)                # (M,)
     # lambda = G⁺1: k̂_m · (sum_j lambda_j k̂_j) = (G lambda)_m = 1 for every m
     gram = k_hat @ k_hat.T                                    # (M, M)
     lam = torch.linalg.pinv(gram) @ torch.ones_like(w)        # (M,)
@@ -183,6 +185,9 @@ class Config:
         for name in ("n_heads", "fusion_heads"):
             if self.d_model % getattr(self, name) != 0:
                 raise ValueError(f"d_model = {self.d_model} must be divisible by {name} = {getattr(self, name)}")
+        if self.fusion == "attention" and self.d_model // self.fusion_heads < 2:
+            raise ValueError(f"the fusion heads need width d_model / fusion_heads >= 2 to rotate, "
+                             f"got {self.d_model} / {self.fusion_heads}")
         for name in ("dropout", "fusion_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -370,9 +375,10 @@ class RollingQ:
     pass over the data is needed. At the end of each epoch step() does, per fusion head:
       1. the roll condition: AIR of the last batch (the mean of per-sample cosine differences,
          as the authors take it); nothing if |AIR| <= beta or max_rolls is reached;
-      2. the anchor t = rolling_target(q̄, K̄, sigma), with q̄ the mean query of the last batch
-         (the query moves during the epoch; the roll must turn the one in use now) and K̄ the
-         mean keys over the epoch;
+      2. the anchor t = rolling_target(q̄, K̄, sigma, cosines), with q̄ the mean query of the last
+         batch (the query moves during the epoch; the roll must turn the one in use now), K̄ the
+         mean keys over the epoch, and the weights from that batch's AIR as the paper's alpha;
+         a head whose mean keys point opposite ways has no anchor and is skipped;
       3. R_new = rotation_matrix(q̄, t), composed as R <- R_new R.
     (The authors take the means from an extra pass over the training set after the epoch; we
     use the forward passes training already makes.) Under torch.distributed the statistics
@@ -383,8 +389,9 @@ class RollingQ:
     def __init__(self, beta=0.0, sigma=0.0, max_rolls=1):
         """beta: AIR threshold; sigma: anchor lean (0: bisector); max_rolls: r_time, None for no limit.
         The defaults are the authors' (beta 0, sigma 0, one roll)."""
-        if beta < 0 or sigma < 0 or (max_rolls is not None and max_rolls < 0):
-            raise ValueError(f"RollingQ needs beta, sigma, max_rolls >= 0; got {beta}, {sigma}, {max_rolls}")
+        if not (0 <= beta < math.inf and 0 <= sigma < math.inf) or (max_rolls is not None and max_rolls < 0):
+            raise ValueError(f"RollingQ needs finite beta, sigma >= 0 and max_rolls >= 0; "
+                             f"got {beta}, {sigma}, {max_rolls}")
         self.beta, self.sigma, self.max_rolls = beta, sigma, max_rolls
         self.reset()
 
@@ -415,17 +422,22 @@ class RollingQ:
             q.sum(0), modality_cosines(q, k_bar).sum(0), q.shape[0], self.key_sum, self.n)
         q_bar = q_sum / n_last                                # (nh, hs) mean query of the last batch
         K_bar = key_sum / n                                   # (nh, M, hs) mean keys over the epoch
+        cos = cos_sum / n_last                                # (nh, M) per-sample cosines, averaged
         # the roll condition: AIR = mean over samples of cos(q, k̄_a(x)) - cos(q, k̄_v(x))
-        air = air_from_cosines(cos_sum / n_last)              # (nh,)
-        heads = []
+        air = air_from_cosines(cos)                           # (nh,)
+        heads, rotations, skipped = [], {}, []
         if self.max_rolls is None or int(fusion.rolls) < self.max_rolls:
             heads = [h for h in range(len(air)) if abs(float(air[h])) > self.beta]
-        if heads:
-            # per head: the anchor t, then R_new with R_new q̄ = t
-            fusion.roll({h: rotation_matrix(q_bar[h], rolling_target(q_bar[h], K_bar[h], self.sigma))
-                         for h in heads})
+        for h in heads:
+            try:                                              # the anchor t, then R_new with R_new q̄ = t
+                rotations[h] = rotation_matrix(q_bar[h], rolling_target(q_bar[h], K_bar[h], self.sigma, cos[h]))
+            except ValueError:                                # no anchor (opposite mean keys): this head waits
+                skipped.append(h)
+        if rotations:
+            fusion.roll(rotations)
         self.reset()
-        return {"air": air.tolist(), "rolled": bool(heads), "rolls": int(fusion.rolls), "heads": heads}
+        return {"air": air.tolist(), "rolled": bool(rotations), "rolls": int(fusion.rolls),
+                "heads": list(rotations), "skipped": skipped}
 
 
 def fusion_layer(model):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import data as datasets
 import train
-from rollingq import (Config, MultimodalTransformer, RollingQ, air_from_cosines, attention_imbalance_rate,
+from rollingq import (Config, MultimodalTransformer, Output, RollingQ, air_from_cosines, attention_imbalance_rate,
                       modality_cosines, modality_leads, rolling_target, rotation_matrix)
 
 settings.register_profile("default", deadline=None, max_examples=40)
@@ -160,6 +160,19 @@ def test_rolling_target_is_the_papers_tanh_anchor_for_two_modalities(d, seed, si
     assert torch.allclose(rolling_target(q, K, sigma), expected, atol=1e-9)
 
 
+
+@given(d=st.integers(2, 64), seed=seeds, sigma=st.floats(0, 20))
+def test_given_per_sample_cosines_the_anchor_weight_is_alpha_of_the_papers_air(d, seed, sigma):
+    g = torch.Generator().manual_seed(seed)
+    q, K = torch.randn(30, d, generator=g, dtype=torch.float64), torch.randn(30, 2, d, generator=g, dtype=torch.float64)
+    air = float(attention_imbalance_rate(q, K))                  # mean of per-sample differences
+    alpha = (1 + math.tanh(-sigma * air)) / 2
+    K_bar = K.mean(0)
+    t = alpha * K_bar[0] / K_bar[0].norm() + (1 - alpha) * K_bar[1] / K_bar[1].norm()
+    got = rolling_target(q.mean(0), K_bar, sigma, cosines=modality_cosines(q, K).mean(0))
+    assert torch.allclose(got, t / t.norm() * q.mean(0).norm(), atol=1e-9)
+
+
 @given(M=st.integers(2, 6), d=st.integers(8, 128), seed=seeds)
 def test_sigma_zero_anchor_is_equally_close_to_every_mean_key(M, d, seed):
     q, K = mean_stats(seed, d, M)
@@ -287,6 +300,17 @@ def test_roll_condition_respects_beta_and_max_rolls():
         records.append(controller.step(model))
     assert [r["rolled"] for r in records] == [True, True, False, False]
     assert int(model.fusion.rolls) == 2
+
+
+def test_a_head_without_anchor_waits_instead_of_failing():
+    fusion_model = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
+    q = torch.randn(4, 1, 16)                                   # (B, nh, hs)
+    k = torch.randn(16)
+    keys = torch.stack([k, -k])[None, None].expand(4, 1, 2, 16)  # (B, nh, M, hs): opposite mean keys
+    controller = RollingQ(max_rolls=None)
+    controller.observe(Output(torch.zeros(4, 4), [], query=q, key_means=keys))
+    record = controller.step(fusion_model)
+    assert record["rolled"] is False and record["skipped"] == [0] and int(fusion_model.fusion.rolls) == 0
 
 
 def test_heads_roll_independently():
@@ -557,6 +581,13 @@ def test_cli_bad_input_gets_one_line_and_exit_status_2(tmp_path, tiny_npz):
         (["--epochs", "0"], "--epochs must be positive"),
         (["--data", tiny_npz, "--load", str(tmp_path / "notes.txt")], "not a checkpoint"),
         (["--rollingq", "--fusion", "concat"], "need --fusion attention"),
+        (["--rollingq", "--sigma", "inf"], "--sigma must be >= 0 and finite"),
+        (["--lr", "nan"], "--lr must be positive and finite"),
+        (["--rollingq", "--heads", "64"], "--width / --heads must be at least 2"),
+        (["--max-rolls", "none"], "add --rollingq"),
+        (["--anatomy", "--plot", "figure.txt"], "give a .png, .pdf or .svg file name"),
+        (["--data", str(tmp_path)], "is a directory"),
+        (["--out", str(tmp_path / "notes.txt" / "run")], "--out: cannot create the folder"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "no CUDA GPU"))

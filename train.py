@@ -104,7 +104,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch order")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     g = p.add_argument_group("files")
-    g.add_argument("--out", metavar="DIR", help="write DIR/metrics.json (--study: DIR/study.json, one file per run)")
+    g.add_argument("--out", metavar="DIR", help="write DIR/metrics.json (--study: study.md, study.json and runs/; "
+                                                "--anatomy: anatomy.json; --bench: bench.json)")
     g.add_argument("--save", metavar="PATH", help="save the trained model (config + state_dict)")
     g.add_argument("--load", metavar="PATH",
                    help="start from a saved model (its own architecture replaces --width, --layers, ...)")
@@ -135,10 +136,13 @@ def check_args(args):
     """Every refusal that needs no data: one line each."""
     positive = ("epochs", "batch_size", "lr", "width", "layers", "encoder_heads", "heads", "seeds", "bench_steps")
     for name in positive:
-        if not getattr(args, name) > 0:                # also refuses nan
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not (args.beta >= 0 and args.sigma >= 0 and (args.max_rolls is None or args.max_rolls >= 0)):
-        raise UsageError("--beta, --sigma and --max-rolls must be >= 0")
+        if not 0 < getattr(args, name) < math.inf:       # also refuses nan
+            raise UsageError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
+    for name in ("beta", "sigma"):
+        if not 0 <= getattr(args, name) < math.inf:
+            raise UsageError(f"--{name} must be >= 0 and finite, got {getattr(args, name)}")
+    if args.max_rolls is not None and args.max_rolls < 0:
+        raise UsageError(f"--max-rolls must be >= 0 or 'none', got {args.max_rolls}")
     if not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.pretrain_epochs < 0:
@@ -163,18 +167,30 @@ def check_args(args):
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+        if Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise UsageError(f"--plot {args.plot}: give a .png, .pdf or .svg file name")
+    plain = not (args.study or args.anatomy or args.bench)
+    if plain and not args.rollingq and (args.beta, args.sigma, args.max_rolls) != (0.0, 0.0, 1):
+        raise UsageError("--beta, --sigma and --max-rolls set RollingQ's rolls; add --rollingq")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if modes and modes != ["unimodal"] and world > 1:
         raise UsageError("--study, --anatomy and --bench run in one process; start them with python, not torchrun")
     if args.batch_size < world:
         raise UsageError(f"--batch-size {args.batch_size} is smaller than the {world} processes it is split across")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out}: exists and is not a directory")
-    if args.save and Path(args.save).is_dir():
-        raise UsageError(f"--save {args.save}: is a directory; give a file path such as {args.save}/model.pt")
     for name in ("heads", "encoder_heads"):
         if args.width % getattr(args, name):
             raise UsageError(f"--width {args.width} must be divisible by --{name.replace('_', '-')} {getattr(args, name)}")
+    if args.width // args.heads < 2:
+        raise UsageError(f"--width / --heads must be at least 2 (each fusion head rotates a plane), "
+                         f"got {args.width} / {args.heads}")
+    if args.save and Path(args.save).is_dir():
+        raise UsageError(f"--save {args.save}: is a directory; give a file path such as {args.save}/model.pt")
+    for flag, folder in (("--out", args.out), ("--save", args.save and str(Path(args.save).parent))):
+        if folder:                                     # fail now, not after the training
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"{flag}: cannot create the folder {folder}: {e.strerror}") from None
 
 
 def get_device(name):
@@ -467,9 +483,11 @@ def run(args, data, device, log=print, on_step=None):
     def on_epoch(epoch, loss, record, seconds):       # evaluate on the test set, print one line
         t0 = time.perf_counter()
         ev = evaluate(model, test_xs, test_y, data.names)
-        metrics["epochs"].append({"epoch": epoch, "train_loss": loss, "test_acc": ev["acc"], "air": ev.get("air"),
-                                  "air_leader": ev.get("air_leader"), "key_gap": ev.get("key_gap"),
-                                  "rolled": record["rolled"], "attention": ev.get("attention")})
+        row = {"epoch": epoch, "train_loss": loss, "test_acc": ev["acc"], "air": ev.get("air"),
+               "key_gap": ev.get("key_gap"), "rolled": record["rolled"], "attention": ev.get("attention")}
+        if "air_leader" in ev:
+            row["air_leader"] = ev["air_leader"]
+        metrics["epochs"].append(row)
         if rank == 0:
             rolls = int(model.fusion.rolls) if controller is not None else None
             log(epoch_line(epoch, args.epochs, loss, ev, rolls, record, seconds + time.perf_counter() - t0))
@@ -489,7 +507,10 @@ def epoch_line(epoch, epochs, loss, ev, rolls, record, seconds):
         line += f"  air {ev['air']:+.3f}" + (f" ({ev['air_leader']})" if "air_leader" in ev else "")
         line += "  attn " + " ".join(f"{a:.2f}" for a in ev["attention"].values())
     if rolls is not None:
-        line += f"  rolls {rolls}" + (f"  rolled at batch AIR {record['air'][0]:+.3f}" if record["rolled"] else "")
+        heads = record.get("heads", [])
+        which = f" heads {heads}" if len(record.get("air", [])) > 1 else ""
+        line += f"  rolls {rolls}" + (f"  rolled{which} at batch AIR " + " ".join(f"{record['air'][h]:+.3f}" for h in heads)
+                                      if record["rolled"] else "")
     return line + f"  {seconds:.1f}s"
 
 
@@ -510,7 +531,9 @@ def run_config(args, model):
                 "rolls_done": int(model.fusion.rolls) if hasattr(model, "fusion") else 0, "model": arch}
     config = {k: v for k, v in vars(args).items() if k not in MODE_ARGS}
     config["model"] = arch
-    if args.load:
+    if args.load:                                     # the checkpoint's architecture, not the CLI's
+        for k in ("width", "layers", "encoder_heads", "heads", "fusion", "dropout", "preset"):
+            config.pop(k)
         config["loaded"] = {"path": args.load, "rolls_done": int(model.fusion.rolls) if hasattr(model, "fusion") else 0}
     return config
 
@@ -714,14 +737,19 @@ def study_markdown(args, data, report):
     for regime, table in report["tables"].items():
         p = report["premise"][regime]
         out += ["", f"### Regime: {regime} {json.dumps(REGIMES[regime])}", "",
-                f"Premise: (a) unimodal acc {p['a_unimodal_acc']}, gap {p['a_gap']}: {yes(p['a_holds'])}; "
-                f"(b) epochs to 90 % of final {p['b_epochs_to_90pct']}, faster {p['b_faster']}: {yes(p['b_holds'])}; "
+                f"Premise: (a) unimodal acc {per_modality(p['a_unimodal_acc'])}, gap {p['a_gap']}: {yes(p['a_holds'])}; "
+                f"(b) epochs to 90 % of final {per_modality(p['b_epochs_to_90pct'])}, faster {p['b_faster']}: "
+                f"{yes(p['b_holds'])}; "
                 f"(c) {p['b_slower']} probe vanilla {p['c_slower_probe']['attention (vanilla)']} vs concat "
                 f"{p['c_slower_probe']['concat']} (gap {p['c_probe_gap']}), attention on {p['b_faster']} when it is "
                 f"noise {p['c_attention_on_faster_as_noise']}: {yes(p['c_holds'])}; (d) test samples only one "
-                f"modality gets right {p['d_only_this_modality_right']}: {yes(p['d_holds'])}.",
+                f"modality gets right {per_modality(p['d_only_this_modality_right'])}: {yes(p['d_holds'])}.",
                 "", f"Favoured by vanilla attention (AIR): {table['favoured']}.", "", table["markdown"]]
     return "\n".join(out)
+
+
+def per_modality(values):
+    return ", ".join(f"{m} {v}" for m, v in values.items())
 
 
 def yes(holds):
@@ -759,8 +787,8 @@ def save_figure(fig, path):
 
 
 def anatomy(args, data, device, every=5):
-    """One RollingQ run (the roll settings of the command line), traced every `every` training
-    steps from the training batches themselves (no extra pass): the batch's AIR, its change
+    """One RollingQ run (the roll settings of the command line), traced every training step of
+    each epoch's first 10 and every `every` steps after, from the training batches (no extra pass): the batch's AIR, its change
     since the last roll split into a query part (the query moved, keys held at the roll) and a
     key part (the keys moved), and the CLS attention share of each modality."""
     steps_per_epoch = math.ceil(len(data.train_y) / args.batch_size)
@@ -771,8 +799,9 @@ def anatomy(args, data, device, every=5):
 
     def on_step(model, epoch, step, out):
         rolls = int(model.fusion.rolls)
-        # every `every` steps, the last step of each epoch (the batch a roll uses) and the first after a roll
-        if step % every and step != steps_per_epoch and ref.get("rolls") == rolls:
+        # every step of an epoch's first 10 (how fast a roll is undone), then every `every` steps, and
+        # the last step of each epoch (the batch a roll uses)
+        if step > 10 and step % every and step != steps_per_epoch and ref.get("rolls") == rolls:
             return
         q, K = out.query.float(), out.key_means.float()                   # (B, nh, hs), (B, nh, M, hs)
         q_bar, K_bar = q.mean(0), K.mean(0)                               # (nh, hs), (nh, M, hs)
@@ -788,12 +817,12 @@ def anatomy(args, data, device, every=5):
 
     run_args = argparse.Namespace(**{**vars(args), "rollingq": True})
     _, metrics = run(run_args, data, device, on_step=on_step)
-    summary = roll_summary(trace)
+    summary = roll_summary(trace, steps_per_epoch)
     for s in summary:
         print(f"roll {s['roll']} after epoch {s['after_epoch']}: batch AIR {s['air_before']:+.3f} -> "
               f"{s['air_after']:+.3f}; one epoch later {s['air_one_epoch_later']:+.3f} (query part "
-              f"{s['query_part']:+.3f}, key part {s['key_part']:+.3f}); back to half of |AIR| before "
-              f"the roll after {s['epochs_to_half']} epochs")
+              f"{s['query_part']:+.3f}, key part {s['key_part']:+.3f}); |AIR| back to half its value "
+              f"before the roll after {s['steps_to_half']} optimiser steps")
     if args.out:
         write_json(Path(args.out) / "anatomy.json", {"summary": summary, "trace": trace, "metrics": metrics})
     if args.plot:
@@ -801,9 +830,9 @@ def anatomy(args, data, device, every=5):
     return trace, summary
 
 
-def roll_summary(trace):
+def roll_summary(trace, steps_per_epoch):
     """Per roll: AIR before and right after, one epoch later (with its query and key parts),
-    and how long until |AIR| is back to half its value before the roll."""
+    and how many optimiser steps until |AIR| is back to half its value before the roll."""
     summary = []
     for i, t in enumerate(trace):
         if i == 0 or t["rolls"] == trace[i - 1]["rolls"]:
@@ -812,10 +841,11 @@ def roll_summary(trace):
         later = [u for u in trace[i:] if u["rolls"] == t["rolls"]]
         one = min(later, key=lambda u: abs(u["epoch"] - (t["epoch"] + 1)))
         back = next((u["epoch"] - t["epoch"] for u in later if abs(u["air"]) >= abs(before) / 2), None)
+        # t is the first batch after the roll, seen before any update: epochs since t x steps = updates
         summary.append({"roll": t["rolls"], "after_epoch": math.floor(t["epoch"]), "air_before": before,
                         "air_after": t["air"], "air_one_epoch_later": one["air"], "query_part": one["query_part"],
                         "key_part": one["key_part"],
-                        "epochs_to_half": None if back is None else round(back, 2)})
+                        "steps_to_half": None if back is None else round(back * steps_per_epoch)})
     return summary
 
 
