@@ -163,12 +163,12 @@ def check_args(args):
     if args.plot and not (args.study or args.anatomy):
         raise UsageError("--plot draws the figure of --study or --anatomy; add one of them")
     if args.plot:
+        if Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise UsageError(f"--plot {args.plot}: give a .png, .pdf or .svg file name")
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
-        if Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
-            raise UsageError(f"--plot {args.plot}: give a .png, .pdf or .svg file name")
     plain = not (args.study or args.anatomy or args.bench)
     if plain and not args.rollingq and (args.beta, args.sigma, args.max_rolls) != (0.0, 0.0, 1):
         raise UsageError("--beta, --sigma and --max-rolls set RollingQ's rolls; add --rollingq")
