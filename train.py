@@ -81,8 +81,8 @@ def parse_args(argv=None):
     g.add_argument("--beta", type=float, default=0.0, help="roll only when |AIR| > beta")
     g.add_argument("--sigma", type=float, default=0.0, help="anchor lean toward the weaker modality (0: bisector)")
     g.add_argument("--max-rolls", type=max_rolls_arg, default=1, metavar="N|none",
-                   help="roll at most N times (the authors' 1: right after the first epoch); "
-                        "none: at the end of every epoch but the last")
+                   help="roll at most N times, at the end of an epoch, never the last (the authors' 1: right "
+                        "after the first epoch); none: after every epoch but the last")
     g.add_argument("--dropout", type=float, default=0.0,
                    help="dropout on the fusion attention weights and output (the authors use 0.2)")
     g = p.add_argument_group("model and training")
