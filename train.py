@@ -526,15 +526,16 @@ def run_config(args, model):
     """What metrics.json records of a run: its arguments and the architecture in use. A loaded
     model records where it came from and its rolls instead of defaults it never used."""
     arch = asdict(model.cfg) if hasattr(model, "cfg") else None       # None: --unimodal
+    rolls_done = int(model.fusion.rolls) if hasattr(model, "fusion") else 0
     if args.eval_only:
         return {"load": args.load, "eval_only": True, "data": args.data, "device": args.device,
-                "rolls_done": int(model.fusion.rolls) if hasattr(model, "fusion") else 0, "model": arch}
+                "rolls_done": rolls_done, "model": arch}
     config = {k: v for k, v in vars(args).items() if k not in MODE_ARGS}
     config["model"] = arch
     if args.load:                                     # the checkpoint's architecture, not the CLI's
         for k in ("width", "layers", "encoder_heads", "heads", "fusion", "dropout", "preset"):
             config.pop(k)
-        config["loaded"] = {"path": args.load, "rolls_done": int(model.fusion.rolls) if hasattr(model, "fusion") else 0}
+        config["loaded"] = {"path": args.load, "rolls_done": rolls_done}
     return config
 
 
@@ -627,8 +628,8 @@ def study(args, data, device):
     cache = Path(args.out) / "runs" if args.out else None
     plan = [(regime, row, seed, {**REGIMES[regime], **ROWS[row]})
             for regime in REGIMES for row in ROWS for seed in range(args.seeds)]
-    plan += [(regime, f"unimodal {m}", seed, {**REGIMES[regime], "pretrain_epochs": 0, "unimodal": m})
-             for regime in REGIMES if not REGIMES[regime]["pretrain_epochs"]
+    plan += [(regime, f"unimodal {m}", seed, {**REGIMES[regime], "unimodal": m})
+             for regime in REGIMES if unimodal_regime(regime) == regime
              for m in data.names for seed in range(args.seeds)]
     results = {regime: {} for regime in REGIMES}
     t_start, made = time.perf_counter(), 0
@@ -643,8 +644,7 @@ def study(args, data, device):
     report = {"premise": {}, "tables": {}}
     for regime, rows in results.items():
         favoured = favoured_modality(rows["attention (vanilla)"], data.names)
-        base = regime if f"unimodal {data.names[0]}" in rows else "authors"
-        report["premise"][regime] = premise(results[base], rows, data.names)
+        report["premise"][regime] = premise(results[unimodal_regime(regime)], rows, data.names)
         report["tables"][regime] = study_table(rows, data.names, favoured)
     text = study_markdown(args, data, report)
     print("\n" + text)
@@ -655,6 +655,13 @@ def study(args, data, device):
     if args.plot:
         plot_study(results, data.names, args.plot)
     return results, report
+
+
+def unimodal_regime(regime):
+    """The regime whose unimodal runs measure `regime`'s premise: the same one without the warm
+    start (a warm-started encoder alone is not the modality's unimodal baseline)."""
+    bare = {**REGIMES[regime], "pretrain_epochs": 0}
+    return next(r for r, overrides in REGIMES.items() if overrides == bare)
 
 
 def mean_std(values, digits=3):
@@ -718,15 +725,16 @@ def study_table(rows, names, favoured):
     header = (["fusion", "acc clean", f"acc {noise}", "\\|AIR\\|", "key gap", f"attn {favoured} (clean)",
                f"attn {favoured} ({noise})", "shift"] + [f"probe {m}" for m in names])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    def share(final, condition):                      # None for concat: mean_std then prints "-"
+        return final["attention"][condition][favoured] if "attention" in final else None
+
+    columns = [lambda f: f["acc"]["clean"], lambda f: f["acc"][noise],
+               lambda f: abs(f["air"]) if "air" in f else None, lambda f: f.get("key_gap"),
+               lambda f: share(f, "clean"), lambda f: share(f, noise),
+               lambda f: None if "attention" not in f else share(f, "clean") - share(f, noise)]
+    columns += [lambda f, m=m: f["probe_acc"][m] for m in names]
     for name, ms in attention_rows.items():
-        f = [m["final"] for m in ms]
-        att = "attention" in f[0]
-        cells = [name, mean_std([x["acc"]["clean"] for x in f]), mean_std([x["acc"][noise] for x in f]),
-                 mean_std([abs(x["air"]) for x in f]) if att else "-", mean_std([x["key_gap"] for x in f]) if att else "-",
-                 mean_std([x["attention"]["clean"][favoured] for x in f]) if att else "-",
-                 mean_std([x["attention"][noise][favoured] for x in f]) if att else "-",
-                 mean_std([x["attention"]["clean"][favoured] - x["attention"][noise][favoured] for x in f]) if att else "-"]
-        cells += [mean_std([x["probe_acc"][m] for x in f]) for m in names]
+        cells = [name] + [mean_std([column(m["final"]) for m in ms]) for column in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return {"favoured": favoured, "markdown": "\n".join(lines)}
 
