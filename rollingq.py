@@ -12,15 +12,20 @@ query onto an anchor between the modalities' mean keys.
 Read top to bottom:
   1. the math, as pure functions: AIR, the anchor, the rotation R;
   2. the model: one Transformer encoder per modality, a fusion attention layer whose CLS
-     query is R q, a classifier on the CLS output and one linear probe per modality;
+     query is R q (QueryRotation holds R), a classifier on the CLS output and one linear
+     probe per modality;
   3. RollingQ, the controller that gathers statistics during training and rolls the query.
 
+In your own model: keep a QueryRotation in your fusion attention layer (its docstring says
+the three things RollingQ needs) and a RollingQ beside the training loop.
+
 Notation (per fusion head; with nh heads, each head has its own of everything):
-  M           modalities, m = 1..M; modality m has L_m tokens of D_m features
-  B, T, C     batch size, tokens in the fusion layer (T = 1 + sum_m L_m), model width
+  M           modalities, m = 1..M; modality m has L_m tokens of D_m features, and T_m
+              tokens as it leaves its encoder (L_m + 1 with the encoder's own CLS token)
+  B, T, C     batch size, tokens in the fusion layer (T = 1 + sum_m T_m), model width
   nh, hs      fusion heads and the width of one head (hs = C / nh)
   q           the CLS query of one sample in the fusion layer, (hs,)
-  k̄_m(x)      the mean key of modality m's tokens for sample x, (hs,)
+  k̄_m(x)      the mean key of modality m's T_m tokens for sample x, (hs,)
   q̄, K̄_m      q and k̄_m(x) averaged over a set of samples; K̄ stacks the K̄_m, (M, hs)
   k̂_m         the unit mean key K̄_m / |K̄_m|
   AIR         the attention imbalance rate, mean_x [cos(q, k̄_a(x)) - cos(q, k̄_v(x))]
@@ -83,6 +88,10 @@ def attention_imbalance_rate(query, key_means):
     return air_from_cosines(modality_cosines(query, key_means).mean(0))
 
 
+class NoAnchor(ValueError):
+    """The mean keys point opposite ways, so the weighted sum of them is zero: no anchor t."""
+
+
 def rolling_target(query_mean, key_means, sigma=0.0, cosines=None):
     """The anchor t the mean query is rolled onto: query_mean q̄ (hs,), key_means K̄ (M, hs) -> (hs,).
 
@@ -115,7 +124,7 @@ def rolling_target(query_mean, key_means, sigma=0.0, cosines=None):
     # t = sum_m w_m lambda_m k̂_m, rescaled to |q̄|
     t = ((w * lam)[:, None] * k_hat).sum(0)                   # (hs,)
     if t.norm() <= 1e-12:
-        raise ValueError("rolling_target: the mean keys cancel out (opposite directions), there is no anchor")
+        raise NoAnchor("rolling_target: the mean keys cancel out (opposite directions), there is no anchor")
     return (t * (q_bar.norm() / t.norm())).to(query_mean.dtype)
 
 
@@ -171,6 +180,7 @@ class Config:
     n_heads: int = 4                  # heads in the encoder blocks
     fusion_heads: int = 1             # heads nh in the fusion attention (paper: 1)
     fusion: str = "attention"         # "attention" (CLS token attends) or "concat" (static)
+    fusion_head: str = "authors"      # "authors" or "prenorm": the layout around the fusion, see MultimodalTransformer
     dropout: float = 0.0              # dropout in the encoder blocks
     fusion_dropout: float = 0.0       # dropout on the fusion attention weights and output (authors: 0.2)
 
@@ -180,8 +190,13 @@ class Config:
             raise ValueError(f"a multimodal model needs at least 2 modalities, got {len(self.modalities)}")
         if any(L < 1 or D < 1 for L, D in self.modalities.values()):
             raise ValueError(f"every modality needs at least 1 token and 1 feature: {self.modalities}")
+        for name in ("n_classes", "d_model", "n_layers", "n_heads", "fusion_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.fusion not in ("attention", "concat"):
             raise ValueError(f"fusion must be 'attention' or 'concat', got {self.fusion!r}")
+        if self.fusion_head not in ("authors", "prenorm"):
+            raise ValueError(f"fusion_head must be 'authors' or 'prenorm', got {self.fusion_head!r}")
         for name in ("n_heads", "fusion_heads"):
             if self.d_model % getattr(self, name) != 0:
                 raise ValueError(f"d_model = {self.d_model} must be divisible by {name} = {getattr(self, name)}")
@@ -199,7 +214,7 @@ class Attention(nn.Module):
     def __init__(self, d_model, n_heads, dropout=0.0):
         super().__init__()
         self.n_heads = n_heads
-        self.dropout = dropout
+        self.dropout = dropout                                # SDPA's dropout_p while training
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
@@ -235,38 +250,61 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    """One modality: project its features to d_model, add learned positions, run the blocks."""
+    """One modality: project its features to d_model, add learned positions, run the blocks,
+    end with a LayerNorm. With fusion_head "authors" it starts with a CLS token of its own, as
+    the authors' ViT encoders do, and that token is the modality's feature; otherwise the
+    mean of its tokens is."""
 
     def __init__(self, n_tokens, n_features, cfg):
         super().__init__()
+        self.cls = nn.Parameter(trunc_normal(1, 1, cfg.d_model)) if cfg.fusion_head == "authors" else None
         self.embed = nn.Linear(n_features, cfg.d_model)
-        self.pos = nn.Parameter(0.02 * torch.randn(1, n_tokens, cfg.d_model))
+        self.pos = nn.Parameter(trunc_normal(1, n_tokens + (self.cls is not None), cfg.d_model))
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, x):                                     # (B, L, D) -> (B, L, C)
-        x = self.embed(x) + self.pos
+    def forward(self, x):                                     # (B, L, D) -> (B, T_m, C), T_m = L (+1: CLS)
+        x = self.embed(x)
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        x = x + self.pos
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
+    def pool(self, z):                                        # (B, T_m, C) -> (B, C): the modality's feature
+        return z[:, 0] if self.cls is not None else z.mean(1)
 
-class FusionAttention(Attention):
-    """Attention over [CLS; tokens of modality 1; ...; tokens of modality M] whose CLS query
-    is rotated: row 0 of the queries is R q, every other row is left alone.
 
-    R (nh, hs, hs), one rotation per head in its own subspace, and the number of rolls are
-    buffers: they are in state_dict(), never trained, and a reloaded model keeps its rotation.
-    (The authors' code keeps the roll counter outside the state dict.)
+def trunc_normal(*shape, std=0.02):
+    """A parameter's initial value: normal(0, std) cut at +-2, as timm's trunc_normal_ (the authors')."""
+    return nn.init.trunc_normal_(torch.empty(shape), std=std)
+
+
+class QueryRotation(nn.Module):
+    """RollingQ's state inside an attention layer: the rotation R of the CLS query, per head.
+
+    What RollingQ needs of an attention layer, yours included:
+      1. it holds one QueryRotation(n_heads, head_size);
+      2. it attends with the rotated CLS query, q_cls = rotation(q_cls), (B, nh, 1, hs);
+      3. RollingQ.observe gets that rotated query (B, nh, hs) and each modality's mean key
+         (B, nh, M, hs), from the same forward pass.
+    RollingQ.step(model) finds the layer by this type among model.modules(), so any model, or
+    a DDP / torch.compile wrapper of one, that holds exactly one QueryRotation will do.
+    R (nh, hs, hs) and the number of rolls are buffers: they are in state_dict(), never trained,
+    and a reloaded model keeps its rotation. (The authors' code keeps the roll counter outside
+    the state dict.)
     """
 
-    def __init__(self, d_model, n_heads, spans, dropout=0.0):
-        super().__init__(d_model, n_heads, dropout)
-        self.spans = spans                                    # [(start, end)] of each modality's tokens
-        self.drop = nn.Dropout(dropout)                       # on the output, as the authors
-        hs = d_model // n_heads
-        self.register_buffer("R", torch.eye(hs).repeat(n_heads, 1, 1))   # (nh, hs, hs)
+    def __init__(self, n_heads, head_size):
+        super().__init__()
+        self.register_buffer("R", torch.eye(head_size).repeat(n_heads, 1, 1))   # (nh, hs, hs)
         self.register_buffer("rolls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, q):                                     # q: (B, nh, 1, hs) -> R q, (B, nh, 1, hs)
+        # as a row vector (R q)ᵀ = qᵀ Rᵀ; in float32, even under autocast
+        with torch.autocast(q.device.type, enabled=False):
+            return (q.float() @ self.R.float().transpose(-1, -2)).to(q.dtype)
 
     @torch.no_grad()
     def roll(self, rotations):
@@ -275,25 +313,39 @@ class FusionAttention(Attention):
             self.R[h] = (R_new.double() @ self.R[h].double()).to(self.R.dtype)
         self.rolls += 1
 
-    def forward(self, x, stats=False):                        # x: (B, T, C), T = 1 + sum L_m
+
+class FusionAttention(Attention):
+    """The CLS token attends over [CLS; tokens of modality 1; ...; tokens of modality M]:
+        a = softmax(R q kᵀ / sqrt(hs)),  y = dropout(proj(dropout(a) v))
+    with q the CLS query and R its rotation (RollingQ). Only the CLS row is computed, the one
+    row the classifier reads (the authors compute every row and keep row 0: the same output).
+    """
+
+    def __init__(self, d_model, n_heads, spans, dropout=0.0):
+        super().__init__(d_model, n_heads, dropout)
+        self.spans = spans                                    # [(start, end)] of each modality's tokens
+        # P (M, T): row m averages modality m's tokens, so P k stacks the mean keys k̄_m in one product
+        P = torch.zeros(len(spans), spans[-1][1])
+        for m, (s, e) in enumerate(spans):
+            P[m, s:e] = 1.0 / (e - s)
+        self.register_buffer("P", P, persistent=False)
+        self.rotation = QueryRotation(n_heads, d_model // n_heads)
+        self.attn_drop = nn.Dropout(dropout)                  # on the attention weights, as the authors
+        self.drop = nn.Dropout(dropout)                       # on the output, as the authors
+
+    def forward(self, x, stats=False):                        # x: (B, T, C), T = 1 + sum T_m -> (B, C)
         q, k, v = self.split(x)                               # (B, nh, T, hs)
-        # RollingQ: the CLS query becomes R q; as a row vector, (R q)ᵀ = qᵀ Rᵀ (in float32, even
-        # under autocast)
-        with torch.autocast(x.device.type, enabled=False):
-            q_cls = (q[:, :, :1].float() @ self.R.float().transpose(-1, -2)).to(q.dtype)  # (B, nh, 1, hs)
-        q = torch.cat([q_cls, q[:, :, 1:]], dim=2)            # (B, nh, T, hs)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)   # (B, nh, T, hs)
+        q = self.rotation(q[:, :, :1])                        # (B, nh, 1, hs): RollingQ's R q
+        a = (q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])).softmax(-1)   # (B, nh, 1, T)
+        y = self.drop(self.merge(self.attn_drop(a) @ v))[:, 0]               # (B, C)
         extra = {}
         if stats:                                             # detached: statistics, not part of the loss
-            qd, kd = q_cls.detach(), k.detach()
-            extra["query"] = qd[:, :, 0]                      # (B, nh, hs), the query in use: R q
-            extra["key_means"] = torch.stack([kd[:, :, a:b].mean(2) for a, b in self.spans], 2)  # (B, nh, M, hs)
-            # the plain math of SDPA's row 0, before dropout: softmax(R q kᵀ / sqrt(hs))
-            a_cls = (qd @ kd.transpose(-2, -1) / math.sqrt(k.shape[-1])).softmax(-1)   # (B, nh, 1, T)
+            P = self.P.to(k.dtype)                            # (M, T)
+            extra["query"] = q.detach()[:, :, 0]              # (B, nh, hs), the query in use: R q
+            extra["key_means"] = P @ k.detach()               # (B, nh, M, hs): k̄_m(x) = mean of modality m's keys
             # CLS attention mass on each modality's tokens (the rest is on the CLS token itself)
-            extra["attention"] = torch.stack([a_cls[:, :, 0, a:b].sum(-1) for a, b in self.spans], -1)  # (B, nh, M)
-        return self.drop(self.merge(y)), extra
+            extra["attention"] = (a.detach() @ (P > 0).to(a.dtype).T)[:, :, 0]     # (B, nh, 1, T) @ (T, M) -> (B, nh, M)
+        return y, extra
 
 
 @dataclass
@@ -306,11 +358,18 @@ class Output:
 
 
 class MultimodalTransformer(nn.Module):
-    """Encoders per modality, then fusion: a learned CLS token attends over all tokens in one
-    attention layer (or, with fusion="concat", the mean-pooled features are concatenated);
-    a linear classifier on the fused feature, and one linear probe per modality on the
-    detached pooled encoder output, which measures that modality's feature quality without
-    changing training."""
+    """An encoder per modality, then fusion and a linear classifier; one linear probe per
+    modality on its detached feature measures that modality's feature quality without changing
+    training.
+
+    fusion "attention": a learned CLS token attends over the tokens of every modality in one
+    layer (FusionAttention); fusion "concat": the modalities' features are concatenated.
+    fusion_head "authors" (their code exactly): every encoder has a CLS token of its own, and
+    fusion attends over the encoders' outputs as they are, with no norm and no residual; the
+    classifier reads the fusion output's CLS row. fusion_head "prenorm" (this project's first
+    head): encoders without CLS tokens (mean-pooled features), a LayerNorm before the fusion,
+    a residual around it and a final LayerNorm before the classifier.
+    """
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -318,18 +377,19 @@ class MultimodalTransformer(nn.Module):
         C, M = cfg.d_model, len(cfg.modalities)
         self.encoders = nn.ModuleList(Encoder(L, D, cfg) for L, D in cfg.modalities.values())
         self.probes = nn.ModuleList(nn.Linear(C, cfg.n_classes) for _ in range(M))
-        if cfg.fusion == "attention":
-            spans, start = [], 1
-            for L, _ in cfg.modalities.values():
-                spans.append((start, start + L))
-                start += L
-            self.cls = nn.Parameter(0.02 * torch.randn(1, 1, C))
-            self.ln = nn.LayerNorm(C)
-            self.fusion = FusionAttention(C, cfg.fusion_heads, spans, cfg.fusion_dropout)
-            self.ln_f = nn.LayerNorm(C)
-            self.head = nn.Linear(C, cfg.n_classes)
-        else:
+        if cfg.fusion == "concat":
             self.head = nn.Linear(M * C, cfg.n_classes)
+            return
+        spans, start = [], 1                                  # token 0 is the fusion CLS token
+        for encoder, (L, _) in zip(self.encoders, cfg.modalities.values()):
+            end = start + L + (encoder.cls is not None)
+            spans.append((start, end))
+            start = end
+        self.cls = nn.Parameter(trunc_normal(1, 1, C))
+        if cfg.fusion_head == "prenorm":
+            self.ln, self.ln_f = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.fusion = FusionAttention(C, cfg.fusion_heads, spans, cfg.fusion_dropout)
+        self.head = nn.Linear(C, cfg.n_classes)
 
     def tokens(self, xs):
         """Check the inputs against cfg.modalities; (B, D_m) is taken as one token (B, 1, D_m)."""
@@ -352,15 +412,18 @@ class MultimodalTransformer(nn.Module):
     def forward(self, xs, stats=False):
         """xs: one tensor (B, L_m, D_m) per modality, in cfg.modalities order; (B, D_m) where
         L_m = 1. stats=True also returns the CLS query, the mean keys and the attention mass."""
-        zs = [enc(x) for enc, x in zip(self.encoders, self.tokens(xs))]   # M x (B, L_m, C)
-        pooled = [z.mean(1) for z in zs]                      # M x (B, C)
-        probe_logits = [probe(p.detach()) for probe, p in zip(self.probes, pooled)]
+        zs = [enc(x) for enc, x in zip(self.encoders, self.tokens(xs))]   # M x (B, T_m, C)
+        features = [enc.pool(z) for enc, z in zip(self.encoders, zs)]     # M x (B, C)
+        probe_logits = [probe(f.detach()) for probe, f in zip(self.probes, features)]
         if self.cfg.fusion == "concat":
-            return Output(self.head(torch.cat(pooled, -1)), probe_logits)
+            return Output(self.head(torch.cat(features, -1)), probe_logits)
         x = torch.cat([self.cls.expand(zs[0].shape[0], -1, -1)] + zs, 1)   # (B, T, C)
-        y, extra = self.fusion(self.ln(x), stats=stats)
-        x = x + y                                             # (B, T, C)
-        logits = self.head(self.ln_f(x[:, 0]))                # (B, n_classes)
+        if self.cfg.fusion_head == "authors":                 # classifier(fusion(x)[CLS row])
+            y, extra = self.fusion(x, stats)                  # (B, C)
+            logits = self.head(y)                             # (B, n_classes)
+        else:                                                 # classifier(ln_f(x_cls + fusion(ln(x))))
+            y, extra = self.fusion(self.ln(x), stats)
+            logits = self.head(self.ln_f(x[:, 0] + y))
         return Output(logits, probe_logits, **extra)
 
 
@@ -369,10 +432,10 @@ class MultimodalTransformer(nn.Module):
 
 
 class RollingQ:
-    """Rolls the CLS query of a MultimodalTransformer's fusion layer (paper, Algorithm 1).
+    """Rolls the CLS query of a model's fusion attention (paper, Algorithm 1).
 
-    During training, pass every forward output made with stats=True to observe(); no extra
-    pass over the data is needed. At the end of each epoch step() does, per fusion head:
+    During training, pass every step's CLS query and mean keys to observe(); no extra pass over
+    the data is needed. At the end of each epoch step() does, per fusion head:
       1. the roll condition: AIR of the last batch (the mean of per-sample cosine differences,
          as the authors take it); nothing if |AIR| <= beta or max_rolls is reached;
       2. the anchor t = rolling_target(q̄, K̄, sigma, cosines), with q̄ the mean query of the last
@@ -390,8 +453,8 @@ class RollingQ:
         """beta: AIR threshold; sigma: anchor lean (0: bisector); max_rolls: r_time, None for no limit.
         The defaults are the authors' (beta 0, sigma 0, one roll)."""
         if not (0 <= beta < math.inf and 0 <= sigma < math.inf) or (max_rolls is not None and max_rolls < 0):
-            raise ValueError(f"RollingQ needs finite beta, sigma >= 0 and max_rolls >= 0; "
-                             f"got {beta}, {sigma}, {max_rolls}")
+            raise ValueError(f"RollingQ needs finite beta >= 0, finite sigma >= 0 and max_rolls >= 0 "
+                             f"(or None); got beta {beta}, sigma {sigma}, max_rolls {max_rolls}")
         self.beta, self.sigma, self.max_rolls = beta, sigma, max_rolls
         self.reset()
 
@@ -400,12 +463,16 @@ class RollingQ:
         self.last = None                                      # (q, k̄) of the last batch
 
     @torch.no_grad()
-    def observe(self, out: Output):
-        """Per training step: one running sum, no host-device synchronisation."""
-        if out.query is None or out.key_means is None:
-            raise ValueError("RollingQ.observe needs the output of model(xs, stats=True)")
-        k_bar = out.key_means.float()                         # (B, nh, M, hs) k̄_m(x) per sample
-        self.last = (out.query.float(), k_bar)                # (B, nh, hs), (B, nh, M, hs)
+    def observe(self, query, key_means):
+        """Per training step: query (B, nh, hs), the rotated CLS query R q of each sample, and
+        key_means (B, nh, M, hs), each modality's mean key. One running sum, no host-device sync."""
+        if query is None or key_means is None:
+            raise ValueError("RollingQ.observe needs the CLS query and the mean keys: the output of model(xs, stats=True)")
+        if query.dim() != 3 or key_means.dim() != 4 or key_means.shape[:2] + key_means.shape[3:] != query.shape:
+            raise ValueError(f"RollingQ.observe expects query (B, nh, hs) and key_means (B, nh, M, hs); "
+                             f"got {tuple(query.shape)} and {tuple(key_means.shape)}")
+        k_bar = key_means.float()                             # (B, nh, M, hs) k̄_m(x) per sample
+        self.last = (query.float(), k_bar)                    # (B, nh, hs), (B, nh, M, hs)
         self.n += k_bar.shape[0]
         self.key_sum = k_bar.sum(0) if self.key_sum is None else self.key_sum + k_bar.sum(0)   # (nh, M, hs)
 
@@ -413,10 +480,11 @@ class RollingQ:
     def step(self, model):
         """End of epoch: roll where the condition holds. Returns a record of what it did.
 
-        model: the MultimodalTransformer, or a DistributedDataParallel / torch.compile wrapper of it."""
+        model: anything that holds exactly one QueryRotation: the attention layer itself, the
+        model around it, or a DistributedDataParallel / torch.compile wrapper of either."""
         if self.last is None:
             raise ValueError("RollingQ.step: observe() saw no batch since the last step")
-        fusion = fusion_layer(model)
+        rotation = query_rotation(model)
         q, k_bar = self.last                                  # last batch: (B, nh, hs), (B, nh, M, hs)
         q_sum, cos_sum, n_last, key_sum, n = sum_over_ranks(
             q.sum(0), modality_cosines(q, k_bar).sum(0), q.shape[0], self.key_sum, self.n)
@@ -426,29 +494,31 @@ class RollingQ:
         # the roll condition: AIR = mean over samples of cos(q, k̄_a(x)) - cos(q, k̄_v(x))
         air = air_from_cosines(cos)                           # (nh,)
         heads, rotations, skipped = [], {}, []
-        if self.max_rolls is None or int(fusion.rolls) < self.max_rolls:
+        if self.max_rolls is None or int(rotation.rolls) < self.max_rolls:
             heads = [h for h in range(len(air)) if abs(float(air[h])) > self.beta]
         for h in heads:
             try:                                              # the anchor t, then R_new with R_new q̄ = t
-                rotations[h] = rotation_matrix(q_bar[h], rolling_target(q_bar[h], K_bar[h], self.sigma, cos[h]))
-            except ValueError:                                # no anchor (opposite mean keys): this head waits
+                t = rolling_target(q_bar[h], K_bar[h], self.sigma, cos[h])
+            except NoAnchor:                                  # opposite mean keys: this head waits
                 skipped.append(h)
+                continue
+            rotations[h] = rotation_matrix(q_bar[h], t)
         if rotations:
-            fusion.roll(rotations)
+            rotation.roll(rotations)
         self.reset()
-        return {"air": air.tolist(), "rolled": bool(rotations), "rolls": int(fusion.rolls),
+        return {"air": air.tolist(), "rolled": bool(rotations), "rolls": int(rotation.rolls),
                 "heads": list(rotations), "skipped": skipped}
 
 
-def fusion_layer(model):
-    """The FusionAttention of a MultimodalTransformer, through DDP (.module) and torch.compile
-    (._orig_mod) wrappers."""
-    while not hasattr(model, "fusion") and (hasattr(model, "module") or hasattr(model, "_orig_mod")):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    if not isinstance(getattr(model, "fusion", None), FusionAttention):
-        raise ValueError(f"RollingQ.step needs a MultimodalTransformer with attention fusion "
-                         f"(or a DDP / torch.compile wrapper of one), got {type(model).__name__}")
-    return model.fusion
+def query_rotation(model):
+    """The one QueryRotation that `model` holds, found by type among model.modules() (which
+    also looks inside DDP and torch.compile wrappers)."""
+    found = [m for m in model.modules() if isinstance(m, QueryRotation)] if isinstance(model, nn.Module) else []
+    if len(found) != 1:
+        raise ValueError(f"RollingQ.step needs a module that holds exactly one QueryRotation (an attention layer "
+                         f"that rotates its CLS query, or a model or wrapper around one); "
+                         f"got a {type(model).__name__} with {len(found)}")
+    return found[0]
 
 
 def sum_over_ranks(*values):

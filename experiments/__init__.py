@@ -1,0 +1,47 @@
+"""Experiments around the reference: each module runs with `python -m experiments.NAME`.
+
+    study     the reproduction study: concat, vanilla attention and RollingQ, over seeds and regimes
+    anatomy   one RollingQ run traced step by step around each roll
+    bench     training samples/s with and without RollingQ, side by side
+
+They import train (and through it rollingq and data), never the other way round, and write
+what they make (JSON, markdown, figures) under --out.
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+import train
+
+
+def parse(parser, argv=None, fixed=()):
+    """Parse train.py's flags and the experiment's own. `fixed`: train.py flags the experiment
+    sets itself, left out of --help and refused if given."""
+    own = {a.dest: a for a in parser._actions if a.dest in fixed}
+    for action in own.values():
+        action.help = argparse.SUPPRESS
+    args = train.parse_args(argv, parser)
+    for dest, action in own.items():
+        if getattr(args, dest) != action.default:
+            raise train.UsageError(f"{action.option_strings[0]}: {parser.prog} sets it itself")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise train.UsageError("the experiments run in one process; start them with python, not torchrun")
+    return args
+
+
+def save_figure(make, path):
+    """Draw a figure with make(plt) and save it to path, if matplotlib is installed (an optional extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no figure {path}: matplotlib is not installed (pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig = make(plt)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")

@@ -1,0 +1,66 @@
+"""Specification of data.py: the built-in set and the .npz loader."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, small_npz
+
+import data as datasets
+
+
+def test_synthetic_data_is_reproducible_from_its_seed():
+    a, b, c = datasets.synthetic(seed=3, n_train=50, n_test=10), datasets.synthetic(seed=3, n_train=50, n_test=10), \
+        datasets.synthetic(seed=4, n_train=50, n_test=10)
+    assert all(torch.equal(x, y) for x, y in zip(a.train_x + [a.train_y], b.train_x + [b.train_y]))
+    assert not torch.equal(a.train_x[0], c.train_x[0])
+    assert a.modalities == {"audio": (8, 16), "visual": (16, 16)} and a.n_classes == 8
+
+
+def test_load_npz_reads_tokens_and_vectors(tmp_path):
+    d = datasets.load_npz(small_npz(tmp_path / "ok.npz"))
+    assert d.names == ["audio", "visual"] and d.n_classes == 3
+    assert d.modalities == {"audio": (4, 5), "visual": (1, 6)}
+    assert d.train_x[1].dtype == torch.float32 and d.train_y.dtype == torch.int64
+
+
+BAD_NPZ = {
+    "object arrays": ({"train_audio": np.array([None] * 40, dtype=object)}, "Python objects"),
+    "one modality": ({"train_visual": None, "test_visual": None}, "expected at least 2"),
+    "missing labels": ({"test_y": None}, "no 'test_y'"),
+    "N differs from labels": ({"train_audio": np.zeros((39, 4, 5))}, "39 samples but train_y has 40"),
+    "L differs between splits": ({"test_audio": np.zeros((20, 3, 5))}, r"\(4, 5\) in train but \(3, 5\) in test"),
+    "D differs between splits": ({"test_visual": np.zeros((20, 7))}, r"\(1, 6\) in train but \(1, 7\) in test"),
+    "NaN": ({"train_visual": np.full((40, 6), np.nan)}, "NaN or inf"),
+    "inf": ({"test_audio": np.full((20, 4, 5), np.inf)}, "NaN or inf"),
+    "negative label": ({"train_y": np.r_[-1, np.zeros(39, int)]}, "outside 0..0"),
+    "test label unseen in train": ({"test_y": np.full(20, 3)}, r"test_y has labels outside 0..2"),
+    "float labels": ({"train_y": np.zeros(40)}, "integer labels"),
+    "empty split": ({"test_y": np.zeros(0, int), "test_audio": np.zeros((0, 4, 5)),
+                     "test_visual": np.zeros((0, 6))}, "test split is empty"),
+    "train without test": ({"test_visual": None}, "no matching 'test_visual'"),
+    "unknown array": ({"val_audio": np.zeros(3)}, "unexpected array 'val_audio'"),
+    "4-D features": ({"train_audio": np.zeros((40, 1, 4, 5)), "test_audio": np.zeros((20, 1, 4, 5))},
+                     r"must be \(N, L, D\) or \(N, D\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_NPZ))
+def test_load_npz_refuses_bad_input_with_a_clear_message(tmp_path, case):
+    change, message = BAD_NPZ[case]
+    with pytest.raises(datasets.DataError, match=message):
+        datasets.load_npz(small_npz(tmp_path / "bad.npz", **change))
+
+
+def test_load_npz_refuses_a_missing_file_and_a_file_that_is_no_npz(tmp_path):
+    with pytest.raises(datasets.DataError, match="no such file"):
+        datasets.load_npz(tmp_path / "absent.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(datasets.DataError, match="not a .npz archive"):
+        datasets.load_npz(tmp_path / "text.npz")
+    with pytest.raises(datasets.DataError, match=r"README.md is not a .npz archive \(expected the output of numpy.savez\)$"):
+        datasets.load_npz(os.path.join(ROOT, "README.md"))     # no word of pickles: just what it is not
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    with pytest.raises(datasets.DataError, match="single array"):
+        datasets.load_npz(tmp_path / "single.npy")

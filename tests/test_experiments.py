@@ -1,0 +1,86 @@
+"""Specification of experiments/: the study, the anatomy of a roll and the benchmark."""
+
+import statistics
+import sys
+
+import pytest
+import torch
+from conftest import TINY, cli, refused
+
+import data as datasets
+import experiments
+from experiments import anatomy, bench, study
+
+
+def test_study_resumes_from_its_run_files_and_reports_premise_and_tables(tiny_npz, tmp_path, capsys):
+    d = datasets.load_npz(tiny_npz)
+    args = study.parse_args(["--data", tiny_npz, "--seeds", "2", *TINY, "--epochs", "1", "--out", str(tmp_path)])
+    assert args.regimes == ["default", "authors"]
+    results, report = study.study(args, d, torch.device("cpu"))
+    n_runs = len(list((tmp_path / "runs").glob("*.json")))
+    again, report_again = study.study(args, d, torch.device("cpu"))
+    out = capsys.readouterr().out
+    rows = 2 * 5 * 2 + 2 * 2 * 2                                # regimes x rows x seeds, + unimodal runs
+    assert n_runs == rows and out.count("(kept from an earlier run)") == rows
+    assert report_again == report
+    for regime, table in report["tables"].items():
+        lines = table["markdown"].splitlines()
+        assert len(lines) == 2 + 5 and lines[2].startswith("| concat |") and lines[3].startswith("| attention (vanilla)")
+        assert table["favoured"] in ("audio", "visual") and " ± " in lines[-1]
+        premise = report["premise"][regime]
+        assert set(premise["a_unimodal_acc"]) == {"audio", "visual"} and isinstance(premise["d_holds"], bool)
+    text = (tmp_path / "study.md").read_text()
+    assert text.count("### Regime:") == 2 and "authors head" in text and "Premise: (a) unimodal acc" in text
+    seeds = [r["config"]["seed"] for r in results["authors"]["RollingQ, every epoch"]]
+    configs = [r["config"] for r in results["authors"]["RollingQ, every epoch"]]
+    assert seeds == [0, 1] and all(c["optimizer"] == "sgd" and c["max_rolls"] is None for c in configs)
+
+
+def test_a_warm_start_regime_takes_its_premise_from_the_same_regime_without_it():
+    assert study.unimodal_regime("authors + warm start") == "authors"
+    assert study.unimodal_regime("default") == "default"
+
+
+def test_experiments_refuse_the_flags_they_set_themselves(tiny_npz):
+    r = cli("--rollingq", module="experiments.study")
+    assert refused(r, "--rollingq: python -m experiments.study sets it itself")
+    r = cli("--regimes", "default,nosuch", module="experiments.study")
+    assert refused(r, "unknown regime 'nosuch'")
+    r = cli("--help", module="experiments.bench")
+    assert r.returncode == 0 and "--rounds" in r.stdout and "--rollingq" not in r.stdout
+
+
+def test_anatomy_traces_air_and_splits_its_change_into_query_and_key_parts(tiny_npz, capsys):
+    args = anatomy.parse_args(["--data", tiny_npz, "--max-rolls", "none", *TINY, "--epochs", "3"])
+    trace, summary = anatomy.anatomy(args, datasets.load_npz(tiny_npz), torch.device("cpu"), every=2)
+    assert [s["roll"] for s in summary] == [1, 2] and "roll 1 after epoch 1" in capsys.readouterr().out
+    firsts = [t for i, t in enumerate(trace) if i == 0 or t["rolls"] != trace[i - 1]["rolls"]]
+    assert all(t["query_part"] == 0 and t["key_part"] == 0 for t in firsts)   # measured from the roll
+    assert all(abs(sum(t["attention"].values()) - 1) < 1e-5 for t in trace)
+    assert [t["epoch"] for t in trace] == sorted(t["epoch"] for t in trace) and trace[-1]["epoch"] == 3
+
+
+def test_a_roll_that_overshoots_is_not_counted_as_undone():
+    airs = [0.2, -0.18, -0.1, 0.05, 0.12, 0.3]                  # the roll lands at -0.18: past 0, not back
+    trace = [{"epoch": 1.0, "rolls": 0, "air": airs[0], "query_part": 0, "key_part": 0}]
+    trace += [{"epoch": 1 + i / 10, "rolls": 1, "air": a, "query_part": 0, "key_part": 0} for i, a in enumerate(airs[1:])]
+    (s,) = anatomy.roll_summary(trace, steps_per_epoch=10)
+    assert s["air_before"] == 0.2 and s["air_after"] == -0.18 and s["steps_back"] == 3   # +0.12 >= 0.2 / 2
+    trace[-2]["air"] = trace[-1]["air"] = -0.3                  # never back on its side
+    assert anatomy.roll_summary(trace, steps_per_epoch=10)[0]["steps_back"] is None
+
+
+def test_bench_times_the_same_steps_of_both_and_rolls_after_every_rollingq_block(tiny_npz, capsys):
+    args = bench.parse_args(["--data", tiny_npz, "--width", "16", "--layers", "1", "--batch-size", "32", "--steps", "2"])
+    result = bench.bench(args, datasets.load_npz(tiny_npz), torch.device("cpu"), rounds=3)
+    seconds = result["seconds"]
+    assert len(seconds["vanilla"]) == len(seconds["RollingQ"]) == 3 and result["rolls"] == 4   # + the warm-up's
+    assert result["time_ratio"] == statistics.median(r / v for r, v in zip(seconds["RollingQ"], seconds["vanilla"]))
+    assert result["samples_per_s"]["vanilla"] == pytest.approx(3 * 2 * 32 / sum(seconds["vanilla"]))
+    assert "time ratio RollingQ / vanilla" in capsys.readouterr().out
+
+
+def test_figures_are_an_optional_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)        # import matplotlib now fails
+    experiments.save_figure(lambda plt: None, tmp_path / "figure.png")
+    assert "no figure" in capsys.readouterr().out and not (tmp_path / "figure.png").exists()

@@ -1,0 +1,209 @@
+"""Specification of train.py: what a run prints and writes, its checkpoints, its refusals, torchrun."""
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY, cli, refused, run_in_process, small_npz
+
+import data as datasets
+import train
+from rollingq import Config, MultimodalTransformer, RollingQ
+
+
+def test_train_writes_metrics_and_a_checkpoint_that_reloads_to_the_same_accuracy(tmp_path, tiny_npz):
+    out = tmp_path / "run"
+    r = cli("--data", tiny_npz, "--rollingq", *TINY, "--out", str(out), "--save", str(out / "model.pt"))
+    assert r.returncode == 0, r.stderr
+    assert sum(line.startswith("epoch ") for line in r.stdout.splitlines()) == 2
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["rollingq"] is True and m["config"]["data"] == tiny_npz
+    assert m["config"]["fusion_head"] == "authors" and m["config"]["model"]["fusion_head"] == "authors"
+    assert [e["epoch"] for e in m["epochs"]] == [1, 2]
+    assert set(m["epochs"][0]) >= {"epoch", "train_loss", "test_acc", "air", "key_gap", "rolled"}
+    assert m["epochs"][0]["rolled"] is True
+    final = m["final"]
+    assert set(final["acc"]) == {"clean", "noise:audio", "noise:visual"}
+    assert set(final["attention"]["noise:audio"]) == {"audio", "visual"}
+    assert abs(sum(final["attention"]["clean"].values()) - 1) < 1e-6
+    assert set(final["probe_acc"]) == {"audio", "visual"} and final["train_seconds"] > 0
+    assert all(0 <= a <= 1 for a in final["acc"].values()) and isinstance(final["air"], float)
+
+    opening = r.stdout.splitlines()[0]                          # says what the run is about to do
+    assert opening.startswith(f"data {tiny_npz}: audio 4x6, visual 1x15") and "AIR > 0: audio favoured" in opening
+    assert "attention fusion, authors head, RollingQ (beta 0, sigma 0, max-rolls 1)" in opening
+    assert f"saved the model to {out / 'model.pt'}" in r.stdout
+
+    again = tmp_path / "eval"
+    r = cli("--data", tiny_npz, "--load", str(out / "model.pt"), "--eval-only", "--out", str(again))
+    assert r.returncode == 0, r.stderr
+    reloaded = json.loads((again / "metrics.json").read_text())
+    assert reloaded["final"]["acc"] == final["acc"] and reloaded["final"]["air"] == final["air"]
+    config = reloaded["config"]                                 # what was loaded, not CLI defaults
+    assert config["load"] == str(out / "model.pt") and config["rolls_done"] == 1 and "rollingq" not in config
+    assert config["model"] == m["config"]["model"]
+
+
+def test_a_checkpoint_from_before_the_head_choice_loads_as_prenorm(tmp_path, tiny_npz):
+    d = datasets.load_npz(tiny_npz)
+    model = MultimodalTransformer(Config(d.modalities, d.n_classes, d_model=16, n_layers=1, fusion_head="prenorm"))
+    model.fusion.rotation.roll({0: -torch.eye(16)})
+    config = {k: v for k, v in vars(model.cfg).items() if k != "fusion_head"}
+    state = {k.replace("fusion.rotation.", "fusion."): v for k, v in model.state_dict().items()}   # the old names
+    torch.save({"config": config, "model": state}, tmp_path / "old.pt")
+    loaded = train.load_checkpoint(tmp_path / "old.pt", d)
+    assert loaded.cfg.fusion_head == "prenorm" and int(loaded.fusion.rotation.rolls) == 1
+    xs = [x[:8] for x in d.test_x]
+    assert torch.equal(loaded.eval()(xs).logits, model.eval()(xs).logits)
+
+
+def test_same_seed_gives_identical_metrics(tiny_npz):
+    d = datasets.load_npz(tiny_npz)
+    a, b = (run_in_process(["--rollingq", *TINY, "--seed", "3"], d) for _ in range(2))
+    for m in (a, b):
+        m["final"].pop("train_seconds")
+    assert a == b
+    c = run_in_process(["--rollingq", *TINY, "--seed", "4"], d)
+    assert c["epochs"] != a["epochs"]
+
+
+def test_a_bf16_training_step_keeps_the_rotation_in_float32():
+    """The CUDA path's dtype logic (bf16 autocast, float32 rotation), run on the CPU."""
+    d = datasets.synthetic(seed=0, n_train=64, n_test=8)
+    args = train.parse_args(["--width", "16", "--layers", "1"])
+    model = MultimodalTransformer(train.build_config(args, d))
+    optimizer, controller = train.make_optimizer(model, args), RollingQ()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    for _ in range(2):
+        out, loss = train.train_step(model, d.train_x, d.train_y, optimizer, autocast, stats=True)
+        controller.observe(out.query, out.key_means)
+        assert out.logits.dtype == torch.bfloat16 and loss.dtype == torch.float32 and math.isfinite(float(loss))
+    assert controller.step(model)["rolled"]
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    R = model.fusion.rotation.R[0].double()
+    assert model.fusion.rotation.R.dtype == torch.float32 and torch.allclose(R @ R.T, torch.eye(16).double(), atol=1e-5)
+
+
+def test_cli_bad_input_gets_one_line_exit_status_2_and_leaves_no_out_folder(tmp_path, tiny_npz, capsys):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    cases = [
+        (["--data", str(tmp_path / "missing.npz")], "no such file"),
+        (["--data", str(small_npz(tmp_path / "bad.npz", train_visual=np.full((40, 6), np.nan)))], "NaN or inf"),
+        (["--data", tiny_npz, "--unimodal", "depth"], "--unimodal depth: the data has modalities audio, visual"),
+        (["--eval-only"], "--eval-only needs --load"),
+        (["--epochs", "0"], "--epochs must be positive"),
+        (["--lr", "nan"], "--lr must be positive and finite"),
+        (["--data", tiny_npz, "--load", str(tmp_path / "notes.txt")], "not a checkpoint"),
+        (["--rollingq", "--fusion", "concat"], "needs --fusion attention"),
+        (["--data", tiny_npz, "--rollingq", "--sigma", "inf"], "finite sigma >= 0"),
+        (["--data", tiny_npz, "--rollingq", "--heads", "64"],
+         "width d_model / fusion_heads >= 2 to rotate, got 64 / 64 (d_model is --width, fusion_heads is --heads)"),
+        (["--data", tiny_npz, "--width", "10"], "d_model = 10 must be divisible by n_heads = 4"),
+        (["--data", tiny_npz, "--dropout", "1"], "fusion_dropout must be in [0, 1), got 1.0 (fusion_dropout is --dropout)"),
+        (["--max-rolls", "none"], "add --rollingq"),
+        (["--fusion-head", "post"], "invalid choice: 'post'"),
+        (["--data", str(tmp_path)], "is a directory"),
+        (["--out", str(tmp_path / "notes.txt" / "run")], "--out: cannot create the folder"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA GPU"))
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit:
+            train.cli([*args, *([] if "--out" in args else ["--out", str(tmp_path / "out")])])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, (args, err)
+        assert not (tmp_path / "out").exists(), args           # nothing written, no empty folder
+    assert refused(cli("--data", str(tmp_path / "missing.npz")), "no such file")   # as a process: status 2, one line
+
+
+def test_help_names_every_flag_group():
+    r = cli("--help")
+    assert r.returncode == 0
+    assert all(s in r.stdout for s in ("--rollingq", "--fusion-head {authors,prenorm}", "--max-rolls N|none", "--data"))
+
+
+def test_cleanup_ends_the_process_group_after_a_run_and_after_a_refusal(tmp_path, tiny_npz):
+    """The torchrun shutdown: main() frees DDP's reducer and destroys the group it ran in."""
+    import torch.distributed as dist
+    for n, argv in enumerate((["--data", tiny_npz, *TINY, "--epochs", "1"],
+                              ["--data", tiny_npz, "--load", str(tmp_path / "absent.pt")])):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{n}'}", rank=0, world_size=1)
+        try:
+            train.main(argv)
+        except train.UsageError:
+            pass
+        assert not dist.is_initialized()
+
+
+def test_torchrun_ranks_roll_identically_and_exit_cleanly(tmp_path, tiny_npz):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "train.py"), "--data", tiny_npz, "--rollingq", *TINY, "--epochs", "3",
+                        "--max-rolls", "none", "--device", "cpu", "--out", str(tmp_path / "ddp")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert m["distributed"] == {"world_size": 2, "ranks_agree": True}
+    assert [e["rolled"] for e in m["epochs"]] == [True, True, False]           # no roll after the last epoch
+    assert sum(line.startswith("epoch ") for line in r.stdout.splitlines()) == 3   # rank 0 alone prints
+
+
+def readme_blocks(language):
+    return re.findall(rf"```{language}\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S)
+
+
+def test_readme_python_blocks_run_beside_a_copy_of_rollingq_alone(tmp_path):
+    blocks = [b for b in readme_blocks("python") if "rollingq" in b]
+    assert blocks
+    shutil.copy(os.path.join(ROOT, "rollingq.py"), tmp_path)    # what a user copies, and nothing else
+    for i, code in enumerate(blocks):
+        (tmp_path / f"block{i}.py").write_text(code)
+        r = subprocess.run([sys.executable, f"block{i}.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (code, r.stderr[-2000:])
+
+
+def test_cosine_schedule_warms_up_for_two_and_a_half_epochs_then_decays_to_zero():
+    def lrs(schedule):
+        args = train.parse_args(["--schedule", schedule, "--lr", "0.1"])
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = train.make_schedule(optimizer, args, steps_per_epoch=10, epochs=10)
+        seen = []
+        for _ in range(100):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            sched.step()
+        return seen
+    cosine = lrs("cosine")
+    assert math.isclose(cosine[0], 0.1 / 25) and math.isclose(max(cosine), 0.1) and cosine.index(max(cosine)) == 24
+    assert all(a < b for a, b in zip(cosine[:24], cosine[1:25])) and all(a >= b for a, b in zip(cosine[24:], cosine[25:]))
+    assert cosine[-1] < 1e-3 * 0.1
+    assert lrs("constant") == [0.1] * 100
+
+
+def test_unimodal_run_measures_one_modality_alone(tmp_path, tiny_npz):
+    r = cli("--data", tiny_npz, "--unimodal", "visual", *TINY, "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["config"]["unimodal"] == "visual" and set(m["final"]["acc"]) == {"clean", "noise:visual"}
+    assert "attention" not in m["final"] and "probe_acc" not in m["final"]
+
+
+def test_warm_start_trains_each_encoder_alone_first(tiny_npz):
+    m = run_in_process(["--pretrain-epochs", "2", *TINY, "--epochs", "1"], datasets.load_npz(tiny_npz))
+    assert set(m["pretrain_train_acc"]) == {"audio", "visual"}
+    assert m["pretrain_train_acc"]["audio"] > 0.5                # 4 classes: chance is 0.25
+
+
+def test_three_modalities_name_the_leader_of_air():
+    M = datasets.Modality
+    d = datasets.synthetic(seed=0, n_train=128, n_test=64, n_classes=3, modalities=(
+        M("audio", 2, 3, 1.0, 0.2), M("video", 3, 2, 0.5, 0.2), M("text", 1, 4, 0.5, 0.2)))
+    m = run_in_process([*TINY, "--epochs", "1"], d)
+    assert m["final"]["air_leader"] in d.names and m["epochs"][0]["air_leader"] == m["final"]["air_leader"]
+    assert m["final"]["air"] >= 0
