@@ -30,6 +30,13 @@ class Data:
         """name -> (tokens L_m, features D_m), as rollingq.Config takes it."""
         return {m: tuple(x.shape[1:]) for m, x in zip(self.names, self.train_x)}
 
+    def select(self, name):
+        """The one modality `name` alone (train.py --unimodal)."""
+        if name not in self.names:
+            raise DataError(f"no modality {name!r} in the data; it has {', '.join(self.names)}")
+        j = self.names.index(name)
+        return Data([name], [self.train_x[j]], self.train_y, [self.test_x[j]], self.test_y, self.n_classes)
+
 
 # ----------------------------------------------------------------------------------------
 # Built-in synthetic data
@@ -58,6 +65,12 @@ class Modality:
 # where both were, one is restored, so each ends up noise on about 25.5 %, never both.
 # README ("Does it reproduce?") measures these properties.
 DEFAULT_MODALITIES = (Modality("audio", 8, 16, 1.0, 0.3), Modality("visual", 16, 16, 0.7, 0.3, flip=True))
+
+
+# The paper's token counts (ViT-B/16 patches of audio spectrograms and video frames), for
+# train.py --preset paper: a throughput setting, not a data set to learn.
+PAPER_SIZE = {"n_train": 1024, "n_test": 256, "modalities": (Modality("audio", 256, 128, 1.0, 0.3),
+                                                            Modality("visual", 196, 128, 0.7, 0.3, flip=True))}
 
 
 def synthetic(seed=0, n_train=4000, n_test=2000, n_classes=8, modalities=DEFAULT_MODALITIES):
@@ -108,8 +121,10 @@ def load_npz(path):
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a directory; give the path of one .npz file")
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"no such file: {path}")
+    if not path.is_file():
+        raise DataError(f"{path} is not a regular file; give the path of one .npz file")
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic == b"\x93NUMPY":

@@ -88,6 +88,16 @@ def attention_imbalance_rate(query, key_means):
     return air_from_cosines(modality_cosines(query, key_means).mean(0))
 
 
+def key_gap(key_means):
+    """The key distribution gap: 1 - cos between two modalities' mean keys, averaged over the
+    pairs of modalities and the heads. key_means (nh, M, hs) -> float: 0 when the modalities'
+    keys point the same way, up to 2 when they point opposite ways."""
+    K = F.normalize(key_means, dim=-1)                                    # (nh, M, hs) unit mean keys
+    sim = K @ K.transpose(-1, -2)                                         # (nh, M, M)
+    pairs = torch.triu_indices(sim.shape[-1], sim.shape[-1], offset=1)
+    return float((1 - sim[:, pairs[0], pairs[1]]).mean())
+
+
 class NoAnchor(ValueError):
     """The mean keys point opposite ways, so the weighted sum of them is zero: no anchor t."""
 
@@ -182,7 +192,7 @@ class Config:
     fusion: str = "attention"         # "attention" (CLS token attends) or "concat" (static)
     fusion_head: str = "authors"      # "authors" or "prenorm": the layout around the fusion, see MultimodalTransformer
     dropout: float = 0.0              # dropout in the encoder blocks
-    fusion_dropout: float = 0.0       # dropout on the fusion attention weights and output (authors: 0.2)
+    fusion_dropout: float = 0.2       # dropout on the fusion attention weights and output (the authors')
 
     def __post_init__(self):
         self.modalities = {str(m): (int(L), int(D)) for m, (L, D) in dict(self.modalities).items()}

@@ -1,14 +1,12 @@
-"""Train a multimodal Transformer with or without RollingQ and report accuracy, AIR and attention.
+"""Train a multimodal Transformer with or without RollingQ; report accuracy, AIR and attention.
 
     python train.py --rollingq                 # RollingQ on the built-in synthetic data
     python train.py                            # vanilla attention fusion, same data and seed
-    python train.py --unimodal visual          # one modality alone: its unimodal accuracy
     python train.py --data feats.npz --rollingq --out runs/mine --save runs/mine/model.pt
     torchrun --nproc_per_node=2 train.py --rollingq     # DistributedDataParallel
 
-Read top to bottom: the loop (train_step, train), the evaluation, one run (run), the command
-line. Each epoch prints one line; --out DIR writes DIR/metrics.json (see README). The study,
-the anatomy of a roll and the benchmark live in experiments/ and call this file's run().
+Read top to bottom: the loop, the evaluation, one run, the command line. experiments/ call
+run() and train_step(); README says what a run prints and writes.
 """
 
 import argparse
@@ -28,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as datasets
-from rollingq import Config, Encoder, MultimodalTransformer, Output, RollingQ, air_from_cosines, leading_modality, \
-    modality_cosines
+from rollingq import (Config, Encoder, MultimodalTransformer, Output, RollingQ, air_from_cosines, key_gap,
+                      leading_modality, modality_cosines)
 
 # ----------------------------------------------------------------------------------------
 # The training loop
@@ -39,10 +37,9 @@ def train_step(model, xs, y, optimizer, autocast, stats=False):
     """One optimisation step on a batch; returns the forward output and the loss."""
     with autocast:
         out = model(xs, stats=stats)
-        # the classifier's loss + one loss per probe: the probes see detached features, so
-        # their losses train the probes only and change nothing else
-        loss = F.cross_entropy(out.logits.float(), y)
-        loss = loss + sum(F.cross_entropy(p.float(), y) for p in out.probe_logits)
+        # the classifier's loss + one loss per probe; the probes see detached features, so their
+        # losses train the probes and nothing else (RollingQ does not need them)
+        loss = F.cross_entropy(out.logits.float(), y) + sum(F.cross_entropy(p.float(), y) for p in out.probe_logits)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -54,14 +51,13 @@ def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on
     RollingQ observes every step and may roll at the end of every epoch but the last (a roll
     steers the training that follows it). Returns the seconds spent training."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
     starts = range(0, len(y) - world + 1, args.batch_size)           # no rank gets an empty share
     optimizer = make_optimizer(model, args)
     schedule = make_schedule(optimizer, args, len(starts), epochs)
     autocast = bf16_autocast(device)
-    g = torch.Generator().manual_seed(args.seed)                      # same order on every rank
+    g = torch.Generator().manual_seed(args.seed)                      # the same order on every rank
     seconds = 0.0
     for epoch in range(1, epochs + 1):
         t0 = noted = time.perf_counter()
@@ -81,8 +77,8 @@ def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on
                 log(f"  epoch {epoch}: step {step}/{len(starts)}, {(time.perf_counter() - t0) / step:.1f} s a step")
                 noted = time.perf_counter()
         if world > 1:
-            dist.all_reduce(total_loss)                               # the mean over ranks
-            total_loss /= world
+            dist.all_reduce(total_loss)
+            total_loss /= world                                       # the mean over ranks
         record = controller.step(model) if controller is not None and epoch < epochs else {"rolled": False}
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -105,10 +101,7 @@ def make_schedule(optimizer, args, steps_per_epoch, epochs):
     def factor(step):                                                 # step = steps taken so far
         if args.schedule == "constant":
             return 1.0
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1.0, total - warmup))))
-
+        return (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -123,64 +116,49 @@ def bf16_autocast(device):
 
 @torch.no_grad()
 def evaluate(model, xs, y, names, batch_size=512):
-    """Accuracy, probe accuracy per modality and, for attention fusion, the CLS attention
-    share per modality, AIR (with its leader for M > 2) and the key gap, over the whole set."""
+    """Accuracy, each probe's accuracy and, for attention fusion, each modality's CLS attention
+    share, AIR (with its leader for M > 2) and the key gap, over the whole set."""
     model.eval()
-    attention_fusion = hasattr(model, "fusion")
+    attention = hasattr(model, "fusion")
     correct, probe_correct, shares, cos, keys = 0, 0, 0, 0, 0
     for i in range(0, len(y), batch_size):
-        out = model([x[i:i + batch_size] for x in xs], stats=attention_fusion)
+        out = model([x[i:i + batch_size] for x in xs], stats=attention)
         yb = y[i:i + batch_size]
         correct += (out.logits.argmax(-1) == yb).sum()
         if out.probe_logits:
             probe_correct += torch.stack([(p.argmax(-1) == yb).sum() for p in out.probe_logits])   # (M,)
-        if attention_fusion:
-            mass = out.attention.float()                                  # (B, nh, M)
-            shares += (mass / mass.sum(-1, keepdim=True)).mean(1).sum(0)  # (M,) share among modalities
-            q, K = out.query.float(), out.key_means.float()               # (B, nh, hs), (B, nh, M, hs)
-            cos += modality_cosines(q, K).sum(0)                          # (nh, M)
-            keys = keys + K.sum(0)                                        # (nh, M, hs)
+        if attention:
+            mass = out.attention.float()                              # (B, nh, M)
+            shares += (mass / mass.sum(-1, keepdim=True)).mean(1).sum(0)   # (M,) share among the modalities
+            q, K = out.query.float(), out.key_means.float()           # (B, nh, hs), (B, nh, M, hs)
+            cos += modality_cosines(q, K).sum(0)                      # (nh, M)
+            keys = keys + K.sum(0)                                    # (nh, M, hs)
     model.train()
     n = len(y)
     result = {"acc": float(correct) / n}
     if len(names) > 1:
         result["probe_acc"] = {m: float(c) / n for m, c in zip(names, probe_correct)}
-    if attention_fusion:
+    if attention:
         result["attention"] = {m: float(s) / n for m, s in zip(names, shares)}
-        air = air_from_cosines(cos / n)                                   # (nh,) the paper's AIR per head
-        result["air_heads"] = air.tolist()
-        result["air"] = float(air.mean())                                 # one head in the paper
-        if len(names) > 2:                                                # whose lead AIR is
+        air = air_from_cosines(cos / n)                               # (nh,) the paper's AIR, per head
+        result.update(air_heads=air.tolist(), air=float(air.mean()), key_gap=key_gap(keys / n))
+        if len(names) > 2:                                            # whose lead AIR is
             result["air_leader"] = names[int(leading_modality((cos / n).mean(0)))]
-        result["key_gap"] = key_gap(keys / n)
     return result
 
 
-def key_gap(key_means):
-    """Key gap: 1 - cos between the mean keys of two modalities, averaged over pairs and heads.
-
-    key_means (nh, M, hs). 0 when the modalities' keys point the same way; up to 2.
-    """
-    K = F.normalize(key_means, dim=-1)                                    # (nh, M, hs)
-    sim = K @ K.transpose(-1, -2)                                         # (nh, M, M)
-    pairs = torch.triu_indices(sim.shape[-1], sim.shape[-1], offset=1)
-    return float((1 - sim[:, pairs[0], pairs[1]]).mean())
-
-
 def final_evaluation(model, xs, y, names):
-    """Clean test set, then each modality in turn replaced by Gaussian noise with its mean and
-    std per position (drawn from a fixed seed, so every model meets the same noisy inputs)."""
+    """The clean test set, then each modality in turn replaced by Gaussian noise with its mean
+    and std per position (drawn from a fixed seed: every model meets the same noisy inputs)."""
     g = torch.Generator().manual_seed(0)
     conditions = {"clean": xs}
-    for j, m in enumerate(names):
-        x = xs[j]
-        noise = torch.randn(x.shape, generator=g).to(x.device)            # (N, L, D)
-        noised = x.mean(0, keepdim=True) + x.std(0, correction=0, keepdim=True) * noise
-        conditions[f"noise:{m}"] = [noised if i == j else x for i, x in enumerate(xs)]
+    for j, (m, x) in enumerate(zip(names, xs)):
+        z = torch.randn(x.shape, generator=g).to(x.device)            # (N, L, D)
+        noised = x.mean(0, keepdim=True) + x.std(0, correction=0, keepdim=True) * z
+        conditions[f"noise:{m}"] = [noised if i == j else other for i, other in enumerate(xs)]
     results = {c: evaluate(model, cxs, y, names) for c, cxs in conditions.items()}
-    final = {"acc": {c: r["acc"] for c, r in results.items()}}
-    final.update({k: v for k, v in results["clean"].items() if k not in ("acc", "attention")})
-    if "attention" in results["clean"]:
+    final = {**results["clean"], "acc": {c: r["acc"] for c, r in results.items()}}
+    if "attention" in final:
         final["attention"] = {c: r["attention"] for c, r in results.items()}
     return final
 
@@ -189,50 +167,14 @@ def final_evaluation(model, xs, y, names):
 # One run
 
 
-class Unimodal(nn.Module):
-    """One modality's encoder with a linear head on its feature: --unimodal, and the temporary
-    model of --pretrain-epochs. Returns an Output like the multimodal model."""
-
-    def __init__(self, encoder, d_model, n_classes):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(d_model, n_classes)
-
-    def forward(self, xs, stats=False):                               # xs: [(B, L, D)]
-        return Output(self.head(self.encoder.pool(self.encoder(xs[0]))), [])
-
-
-def build_config(args, data):
-    """The model's Config from the flags; its own refusals become one-line CLI errors."""
-    try:
-        return Config(data.modalities, data.n_classes, d_model=args.width, n_layers=args.layers,
-                      n_heads=args.encoder_heads, fusion_heads=args.heads, fusion=args.fusion,
-                      fusion_head=args.fusion_head, fusion_dropout=args.dropout)
-    except ValueError as e:
-        raise UsageError(refusal(e)) from None
-
-
-def refusal(error):
-    """A Config or RollingQ error in the words of the flags that set the values it names."""
-    names = [f"{name} is {flag}" for name, flag in FLAGS.items() if re.search(rf"\b{name}\b", str(error))]
-    return f"{error}" + (f" ({', '.join(names)})" if names else "")
-
-
-FLAGS = {"d_model": "--width", "n_layers": "--layers", "n_heads": "--encoder-heads", "fusion_heads": "--heads",
-         "fusion_dropout": "--dropout", "beta": "--beta", "sigma": "--sigma", "max_rolls": "--max-rolls"}
-
-
 def run(args, data, device, log=print, on_step=None):
     """Build (or load), train unless --eval-only, and evaluate one model; returns (model, metrics)."""
     rank, world, device = setup_distributed(device)
     torch.manual_seed(args.seed)
-    try:
-        controller = RollingQ(args.beta, args.sigma, args.max_rolls) if args.rollingq else None
-    except ValueError as e:
-        raise UsageError(refusal(e)) from None
+    controller = checked(RollingQ, args.beta, args.sigma, args.max_rolls) if args.rollingq else None
     if args.unimodal:                                                 # the multimodal model's encoder, alone
         cfg = build_config(args, data)
-        data = unimodal_data(data, args.unimodal)
+        data = data.select(args.unimodal)
         model = Unimodal(Encoder(*cfg.modalities[args.unimodal], cfg), cfg.d_model, cfg.n_classes)
     else:
         model = load_checkpoint(args.load, data) if args.load else MultimodalTransformer(build_config(args, data))
@@ -254,21 +196,37 @@ def run(args, data, device, log=print, on_step=None):
     def on_epoch(epoch, loss, record, seconds):                       # evaluate on the test set, print one line
         t0 = time.perf_counter()
         ev = evaluate(model, test_xs, test_y, data.names)
-        row = {"epoch": epoch, "train_loss": loss, "test_acc": ev["acc"], "air": ev.get("air"),
-               "key_gap": ev.get("key_gap"), "rolled": record["rolled"], "attention": ev.get("attention")}
-        if "air_leader" in ev:
-            row["air_leader"] = ev["air_leader"]
-        metrics["epochs"].append(row)
+        metrics["epochs"].append({"epoch": epoch, "train_loss": loss, "test_acc": ev["acc"], "rolled": record["rolled"],
+                                  **{k: ev.get(k) for k in ("air", "key_gap", "attention")},
+                                  **({"air_leader": ev["air_leader"]} if "air_leader" in ev else {})})
         if rank == 0:
             rolls = int(model.fusion.rotation.rolls) if controller is not None else None
             log(epoch_line(epoch, args.epochs, loss, ev, rolls, record, seconds + time.perf_counter() - t0))
 
     train_seconds = train(model, xs, y, args, args.epochs, device, controller, on_epoch, on_step, log)
-    metrics["final"] = final_evaluation(model, test_xs, test_y, data.names)
-    metrics["final"]["train_seconds"] = train_seconds
+    metrics["final"] = {**final_evaluation(model, test_xs, test_y, data.names), "train_seconds": train_seconds}
     if world > 1:
         metrics["distributed"] = {"world_size": world, "ranks_agree": ranks_agree(model, metrics)}
     return model, metrics
+
+
+def build_config(args, data):
+    return checked(Config, data.modalities, data.n_classes, d_model=args.width, n_layers=args.layers,
+                   n_heads=args.encoder_heads, fusion_heads=args.heads, fusion=args.fusion,
+                   fusion_head=args.fusion_head, fusion_dropout=args.dropout)
+
+
+def checked(make, *args, **kwargs):
+    """make(...), with its ValueError (Config's, RollingQ's) as a one-line refusal naming the flags."""
+    try:
+        return make(*args, **kwargs)
+    except ValueError as e:
+        names = [f"{name} is {flag}" for name, flag in FLAGS.items() if re.search(rf"\b{name}\b", str(e))]
+        raise UsageError(f"{e}" + (f" ({', '.join(names)})" if names else "")) from None
+
+
+FLAGS = {"d_model": "--width", "n_layers": "--layers", "n_heads": "--encoder-heads", "fusion_heads": "--heads",
+         "fusion_dropout": "--dropout"}
 
 
 def setup_distributed(device):
@@ -277,24 +235,26 @@ def setup_distributed(device):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device := torch.device("cuda", int(os.environ["LOCAL_RANK"])))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def unimodal_data(data, name):
-    """The one modality `name` of data, for --unimodal."""
-    if name not in data.names:
-        raise UsageError(f"--unimodal {name}: the data has modalities {', '.join(data.names)}")
-    j = data.names.index(name)
-    return datasets.Data([name], [data.train_x[j]], data.train_y, [data.test_x[j]], data.test_y, data.n_classes)
+class Unimodal(nn.Module):
+    """One modality's encoder and a linear head on its feature: --unimodal, and --pretrain-epochs."""
+
+    def __init__(self, encoder, d_model, n_classes):
+        super().__init__()
+        self.encoder, self.head = encoder, nn.Linear(d_model, n_classes)
+
+    def forward(self, xs, stats=False):                               # xs: [(B, L, D)]
+        return Output(self.head(self.encoder.pool(self.encoder(xs[0]))), [])
 
 
 def pretrain(model, xs, y, args, device, log):
-    """Warm start (--pretrain-epochs): each encoder first trained alone on its own modality
-    with a temporary linear head; our stand-in for the paper's ImageNet-initialised encoders."""
+    """Warm start (--pretrain-epochs): each encoder first trained alone on its own modality with a
+    temporary linear head; our stand-in for the paper's ImageNet-initialised encoders."""
     accuracy = {}
     for j, name in enumerate(model.cfg.modalities):
         solo = Unimodal(model.encoders[j], model.cfg.d_model, model.cfg.n_classes).to(device)
@@ -309,26 +269,24 @@ def describe(args, data, model, device, world):
     shapes = ", ".join(f"{m} {L}x{D}" for m, (L, D) in data.modalities.items())
     parts = [f"data {args.data or 'built-in synthetic'}: {shapes} (tokens x features), "
              f"{len(data.train_y)} train / {len(data.test_y)} test, {data.n_classes} classes"]
-    attention = hasattr(model, "fusion")
+    attention, rolls = hasattr(model, "fusion"), "none" if args.max_rolls is None else args.max_rolls
     if args.load:
         parts.append(f"loaded {args.load}" + (f" (rolls done: {int(model.fusion.rotation.rolls)})" if attention else ""))
     if args.unimodal:
-        parts.append(f"unimodal {args.unimodal}")
+        parts.append(f"unimodal {args.unimodal}, {args.fusion_head} encoder")
+    elif not attention:
+        parts.append(f"concat fusion, {model.cfg.fusion_head} encoders")
     else:
-        cfg = model.cfg
-        method = ("" if not attention else ", RollingQ" if args.rollingq else ", vanilla")
-        if args.rollingq:
-            method += f" (beta {args.beta:g}, sigma {args.sigma:g}, max-rolls {'none' if args.max_rolls is None else args.max_rolls})"
-        parts.append(f"{cfg.fusion} fusion, {cfg.fusion_head} head{method}"
-                     + (f", fusion dropout {cfg.fusion_dropout:g}" if attention else ""))
-    if attention:
+        parts.append(f"attention fusion, {model.cfg.fusion_head} head, fusion dropout {model.cfg.fusion_dropout:g}, "
+                     + (f"RollingQ (beta {args.beta:g}, sigma {args.sigma:g}, max-rolls {rolls})" if args.rollingq
+                        else "vanilla"))
         parts.append(f"AIR > 0: {data.names[0]} favoured, < 0: {data.names[1]}" if len(data.names) == 2
                      else "AIR: the favoured modality's lead (named)")
     if not args.eval_only:
         parts.append(f"{args.optimizer} lr {args.lr:g} {args.schedule}, {args.epochs} epochs, batch {args.batch_size}"
                      + (f", warm start {args.pretrain_epochs} epochs" if args.pretrain_epochs else ""))
-    parts.append(f"{device}" + (f" x {world} processes" if world > 1 else ""))
-    return " | ".join(parts) + f" | {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
+    return " | ".join(parts + [f"{device}" + (f" x {world} processes" if world > 1 else ""),
+                               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"])
 
 
 def epoch_line(epoch, epochs, loss, ev, rolls, record, seconds):
@@ -346,20 +304,17 @@ def epoch_line(epoch, epochs, loss, ev, rolls, record, seconds):
 
 
 def run_config(args, model):
-    """What metrics.json records of a run: its arguments and the architecture in use. A loaded
-    model records where it came from and its rolls instead of defaults it never used."""
+    """What metrics.json records of a run: its arguments and the architecture in use; a loaded
+    model records where it came from and its rolls, not the defaults it never used."""
     arch = asdict(model.cfg) if hasattr(model, "cfg") else None       # None: --unimodal
     rolls_done = int(model.fusion.rotation.rolls) if hasattr(model, "fusion") else 0
     if args.eval_only:
         return {"load": args.load, "eval_only": True, "data": args.data, "device": args.device,
                 "rolls_done": rolls_done, "model": arch}
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "save")}
-    config["model"] = arch
-    if args.load:                                                     # the checkpoint's architecture, not the CLI's
-        for k in ("width", "layers", "encoder_heads", "heads", "fusion", "fusion_head", "dropout", "preset"):
-            config.pop(k)
-        config["loaded"] = {"path": args.load, "rolls_done": rolls_done}
-    return config
+    skip = ("out", "save") + (("width", "layers", "encoder_heads", "heads", "fusion", "fusion_head", "dropout", "preset")
+                              if args.load else ())                   # a checkpoint brings its own architecture
+    config = {k: v for k, v in vars(args).items() if k not in skip}
+    return {**config, "model": arch, **({"loaded": {"path": args.load, "rolls_done": rolls_done}} if args.load else {})}
 
 
 def ranks_agree(model, metrics):
@@ -377,14 +332,13 @@ def save_checkpoint(path, model):
 
 
 def load_checkpoint(path, data):
-    """A model saved by save_checkpoint. One saved before fusion_head existed is a prenorm
-    model whose rotation buffers sat on the fusion layer itself."""
+    """A model saved by save_checkpoint. One saved before fusion_head existed is a prenorm model
+    whose rotation buffers sat on the fusion layer itself."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = Config(**{"fusion_head": "prenorm", **checkpoint["config"]})
-        state = {re.sub(r"^fusion\.(R|rolls)$", r"fusion.rotation.\1", k): v for k, v in checkpoint["model"].items()}
-        model = MultimodalTransformer(cfg)
-        model.load_state_dict(state)
+        model = MultimodalTransformer(cfg := Config(**{"fusion_head": "prenorm", **checkpoint["config"]}))
+        model.load_state_dict({re.sub(r"^fusion\.(R|rolls)$", r"fusion.rotation.\1", k): v
+                               for k, v in checkpoint["model"].items()})
     except FileNotFoundError:
         raise UsageError(f"--load {path}: no such file") from None
     except Exception as e:
@@ -405,14 +359,8 @@ def write_json(path, obj, quiet=False):
 # ----------------------------------------------------------------------------------------
 # The command line
 
-# --preset paper: the paper's model size (and, for the built-in data, its token counts)
-PRESETS = {
-    "small": {"args": {}, "data": {}},
-    "paper": {"args": {"width": 768, "layers": 4, "encoder_heads": 12, "heads": 1, "batch_size": 32},
-              "data": {"n_train": 1024, "n_test": 256,
-                       "modalities": (datasets.Modality("audio", 256, 128, 1.0, 0.3),
-                                      datasets.Modality("visual", 196, 128, 0.7, 0.3, flip=True))}},
-}
+# --preset paper: the paper's model size (and for the built-in data, data.PAPER_SIZE: its token counts)
+PRESETS = {"small": {}, "paper": {"width": 768, "layers": 4, "encoder_heads": 12, "heads": 1, "batch_size": 32}}
 
 
 class UsageError(Exception):
@@ -425,21 +373,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where there is one to show."""
-
-    def _get_help_string(self, action):
+    def _get_help_string(self, action):                               # a default only where there is one
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 def max_rolls_arg(text):
-    try:
-        return None if text == "none" else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'none', got {text!r}") from None
+    if text != "none" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'none', got {text!r}")
+    return None if text == "none" else int(text)
 
 
 def build_parser(description=None):
-    """train.py's flags; experiments/ add their own to it."""
+    """train.py's flags; the experiments add their own to them."""
     p = ArgumentParser(description=description or "Train a multimodal Transformer with attention fusion, with or "
                        "without RollingQ (Ni et al., ICML 2025), and report accuracy, AIR and attention shares.",
                        formatter_class=HelpFormatter)
@@ -448,15 +393,15 @@ def build_parser(description=None):
     g.add_argument("--fusion", choices=["attention", "concat"], default="attention",
                    help="attention: a CLS token attends over all tokens; concat: the static baseline")
     g.add_argument("--fusion-head", choices=["authors", "prenorm"], default="authors",
-                   help="authors: their model exactly (encoders with a CLS token each, no norm and no residual "
-                        "around the fusion); prenorm: mean-pooled encoders, LayerNorm + residual around the fusion")
+                   help="authors: their model (a CLS token per encoder; no norm, no residual around the fusion); "
+                        "prenorm: mean-pooled encoders, LayerNorm and residual around the fusion")
     g.add_argument("--beta", type=float, default=0.0, help="roll only when |AIR| > beta")
     g.add_argument("--sigma", type=float, default=0.0, help="anchor lean toward the weaker modality (0: bisector)")
     g.add_argument("--max-rolls", type=max_rolls_arg, default=1, metavar="N|none",
-                   help="roll at most N times, at the end of an epoch, never the last (the authors' 1: right "
-                        "after the first epoch); none: after every epoch but the last")
-    g.add_argument("--dropout", type=float, default=0.0,
-                   help="dropout on the fusion attention weights and output (the authors use 0.2)")
+                   help="roll at most N times, each at the end of an epoch but the last (the authors' 1: right after "
+                        "the first epoch); none: after every epoch but the last")
+    g.add_argument("--dropout", type=float, default=0.2, help="dropout on the fusion attention weights and output "
+                   "(the authors')")
     g = p.add_argument_group("model and training")
     g.add_argument("--data", metavar="PATH.npz", help="your features (see README); default: built-in synthetic data")
     g.add_argument("--epochs", type=int, default=25, help="passes over the training set")
@@ -472,23 +417,21 @@ def build_parser(description=None):
     g.add_argument("--layers", type=int, default=2, help="Transformer blocks per modality encoder")
     g.add_argument("--encoder-heads", type=int, default=4, help="attention heads in the encoder blocks")
     g.add_argument("--heads", type=int, default=1, help="fusion attention heads (the paper uses 1)")
-    g.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                   help="paper: width 768, 4 encoder layers of 12 heads, 256 + 196 tokens of built-in data; "
-                        "sized for a GPU (explicit flags still win)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="small", help="paper: width 768, 4 encoder layers "
+                   "of 12 heads, 256 + 196 tokens of built-in data; sized for a GPU (explicit flags still win)")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch order")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     g = p.add_argument_group("files")
     g.add_argument("--out", metavar="DIR", help="write DIR/metrics.json")
     g.add_argument("--save", metavar="PATH", help="save the trained model (config + state_dict)")
-    g.add_argument("--load", metavar="PATH",
-                   help="start from a saved model (its own architecture replaces --width, --layers, ...)")
+    g.add_argument("--load", metavar="PATH", help="start from a saved model (its architecture replaces --width, ...)")
     g.add_argument("--eval-only", action="store_true", help="with --load: evaluate only, no training")
     return p
 
 
 def parse_args(argv=None, parser=None):
     p = parser or build_parser()
-    p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset]["args"])
+    p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset])
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -496,57 +439,45 @@ def parse_args(argv=None, parser=None):
 
 def check_args(args):
     """The refusals that belong to the command line; Config and RollingQ check their own values."""
-    for name in ("epochs", "batch_size", "lr"):
-        if not 0 < getattr(args, name) < math.inf:                   # also refuses nan
-            raise UsageError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
-    if args.pretrain_epochs < 0:
-        raise UsageError(f"--pretrain-epochs must be >= 0, got {args.pretrain_epochs}")
-    if args.eval_only and not args.load:
-        raise UsageError("--eval-only needs --load PATH (a model saved with --save)")
-    if args.load and (args.unimodal or args.pretrain_epochs):
-        raise UsageError("--load continues a saved model; it takes no --unimodal or --pretrain-epochs")
-    if args.unimodal and (args.rollingq or args.save or args.pretrain_epochs):
-        raise UsageError("--unimodal trains one encoder alone; it takes no --rollingq, --save or --pretrain-epochs")
-    if args.rollingq and args.fusion == "concat":
-        raise UsageError("--rollingq rolls the fusion attention's query; it needs --fusion attention")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_size < world:
-        raise UsageError(f"--batch-size {args.batch_size} is smaller than the {world} processes it is split across")
-    if args.save and Path(args.save).is_dir():
-        raise UsageError(f"--save {args.save}: is a directory; give a file path such as {args.save}/model.pt")
-    for flag, folder in (("--out", args.out), ("--save", args.save and str(Path(args.save).parent))):
-        if folder:                                                    # fail now, not after the training
-            writable_folder(flag, folder)
-
-
-def writable_folder(flag, folder):
-    """Refuse a folder that cannot be created or written, without creating it."""
-    existing = Path(folder).absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UsageError(f"{flag}: cannot create the folder {folder}: {existing} is not a writable folder")
+    refusals = [(not 0 < getattr(args, name) < math.inf,              # also refuses nan
+                 f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
+                for name in ("epochs", "batch_size", "lr")] + [
+        (args.pretrain_epochs < 0, f"--pretrain-epochs must be >= 0, got {args.pretrain_epochs}"),
+        (args.eval_only and not args.load, "--eval-only needs --load PATH (a model saved with --save)"),
+        (args.load and (args.unimodal or args.pretrain_epochs),
+         "--load continues a saved model; it takes no --unimodal or --pretrain-epochs"),
+        (args.unimodal and (args.rollingq or args.save or args.pretrain_epochs),
+         "--unimodal trains one encoder alone; it takes no --rollingq, --save or --pretrain-epochs"),
+        (args.rollingq and args.fusion == "concat", "--rollingq rolls the fusion attention's query; it needs --fusion attention"),
+        (args.batch_size < world, f"--batch-size {args.batch_size} is smaller than the {world} processes it is split across"),
+        (args.save and Path(args.save).is_dir(), f"--save {args.save}: is a directory; give a file such as {args.save}/model.pt")]
+    for flag, folder in (("--out", args.out), ("--save", args.save and Path(args.save).parent)):
+        existing = Path(folder or ".").absolute()                     # checked now, created when written
+        while not existing.exists():
+            existing = existing.parent
+        refusals.append((folder and not (existing.is_dir() and os.access(existing, os.W_OK)),
+                         f"{flag}: cannot create the folder {folder}: {existing} is not a writable folder"))
+    for refused, message in refusals:
+        if refused:
+            raise UsageError(message)
 
 
 def get_device(name):
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return device
+    if name != "cpu" and int(name[5:] or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count() or 'no'} CUDA GPU(s)"
+                         + ("; use --device cpu" if not torch.cuda.is_available() else ""))
+    return torch.device(name)
 
 
 def load_data(args):
     """The data of --data, or the built-in set of --preset; an unknown --unimodal name is refused here."""
-    data = datasets.load_npz(args.data) if args.data else datasets.synthetic(**PRESETS[args.preset]["data"])
+    data = datasets.load_npz(args.data) if args.data else \
+        datasets.synthetic(**(datasets.PAPER_SIZE if args.preset == "paper" else {}))
     if args.unimodal:
-        unimodal_data(data, args.unimodal)
+        data.select(args.unimodal)
     return data
 
 
@@ -554,8 +485,7 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.rollingq and (args.beta, args.sigma, args.max_rolls) != (0.0, 0.0, 1):
         raise UsageError("--beta, --sigma and --max-rolls set RollingQ's rolls; add --rollingq")
-    device = get_device(args.device)
-    data = load_data(args)
+    device, data = get_device(args.device), load_data(args)
     try:
         model, metrics = run(args, data, device)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -38,7 +38,7 @@ def test_train_writes_metrics_and_a_checkpoint_that_reloads_to_the_same_accuracy
 
     opening = r.stdout.splitlines()[0]                          # says what the run is about to do
     assert opening.startswith(f"data {tiny_npz}: audio 4x6, visual 1x15") and "AIR > 0: audio favoured" in opening
-    assert "attention fusion, authors head, RollingQ (beta 0, sigma 0, max-rolls 1)" in opening
+    assert "attention fusion, authors head, fusion dropout 0.2, RollingQ (beta 0, sigma 0, max-rolls 1)" in opening
     assert f"saved the model to {out / 'model.pt'}" in r.stdout
 
     again = tmp_path / "eval"
@@ -96,7 +96,7 @@ def test_cli_bad_input_gets_one_line_exit_status_2_and_leaves_no_out_folder(tmp_
     cases = [
         (["--data", str(tmp_path / "missing.npz")], "no such file"),
         (["--data", str(small_npz(tmp_path / "bad.npz", train_visual=np.full((40, 6), np.nan)))], "NaN or inf"),
-        (["--data", tiny_npz, "--unimodal", "depth"], "--unimodal depth: the data has modalities audio, visual"),
+        (["--data", tiny_npz, "--unimodal", "depth"], "no modality 'depth' in the data; it has audio, visual"),
         (["--eval-only"], "--eval-only needs --load"),
         (["--epochs", "0"], "--epochs must be positive"),
         (["--lr", "nan"], "--lr must be positive and finite"),
