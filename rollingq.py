@@ -190,7 +190,7 @@ class Config:
     n_heads: int = 4                  # heads in the encoder blocks
     fusion_heads: int = 1             # heads nh in the fusion attention (paper: 1)
     fusion: str = "attention"         # "attention" (CLS token attends) or "concat" (static)
-    fusion_head: str = "authors"      # "authors" or "prenorm": the layout around the fusion, see MultimodalTransformer
+    fusion_head: str = "authors"      # "authors" or "prenorm": see MultimodalTransformer
     dropout: float = 0.0              # dropout in the encoder blocks
     fusion_dropout: float = 0.2       # dropout on the fusion attention weights and output (the authors')
 

@@ -47,9 +47,8 @@ def train_step(model, xs, y, optimizer, autocast, stats=False):
 
 
 def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on_step=None, log=print):
-    """`epochs` passes over (xs, y) in shuffled batches, split across ranks under torchrun.
-    RollingQ observes every step and may roll at the end of every epoch but the last (a roll
-    steers the training that follows it). Returns the seconds spent training."""
+    """`epochs` passes over (xs, y) in shuffled batches, split across ranks under torchrun; RollingQ
+    observes every step and may roll after every epoch but the last. Returns the training seconds."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
@@ -101,7 +100,8 @@ def make_schedule(optimizer, args, steps_per_epoch, epochs):
     def factor(step):                                                 # step = steps taken so far
         if args.schedule == "constant":
             return 1.0
-        return (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        return (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) /
+                                                                               (total - warmup)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -169,7 +169,13 @@ def final_evaluation(model, xs, y, names):
 
 def run(args, data, device, log=print, on_step=None):
     """Build (or load), train unless --eval-only, and evaluate one model; returns (model, metrics)."""
-    rank, world, device = setup_distributed(device)
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:                   # torchrun: nccl, a GPU per process; or gloo
+        if device.type == "cuda":
+            torch.cuda.set_device(device := torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)
     controller = checked(RollingQ, args.beta, args.sigma, args.max_rolls) if args.rollingq else None
     if args.unimodal:                                                 # the multimodal model's encoder, alone
@@ -205,8 +211,12 @@ def run(args, data, device, log=print, on_step=None):
 
     train_seconds = train(model, xs, y, args, args.epochs, device, controller, on_epoch, on_step, log)
     metrics["final"] = {**final_evaluation(model, test_xs, test_y, data.names), "train_seconds": train_seconds}
-    if world > 1:
-        metrics["distributed"] = {"world_size": world, "ranks_agree": ranks_agree(model, metrics)}
+    if world > 1:                                                     # every rank: the same rotation and metrics?
+        mine = (model.fusion.rotation.R.tolist() if hasattr(model, "fusion") else None,
+                json.dumps({"epochs": metrics["epochs"], "acc": metrics["final"]["acc"]}, sort_keys=True))
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        metrics["distributed"] = {"world_size": world, "ranks_agree": all(e == every[0] for e in every)}
     return model, metrics
 
 
@@ -221,24 +231,10 @@ def checked(make, *args, **kwargs):
     try:
         return make(*args, **kwargs)
     except ValueError as e:
-        names = [f"{name} is {flag}" for name, flag in FLAGS.items() if re.search(rf"\b{name}\b", str(e))]
+        flags = {"d_model": "--width", "n_layers": "--layers", "n_heads": "--encoder-heads", "fusion_heads": "--heads",
+                 "fusion_dropout": "--dropout"}
+        names = [f"{name} is {flag}" for name, flag in flags.items() if re.search(rf"\b{name}\b", str(e))]
         raise UsageError(f"{e}" + (f" ({', '.join(names)})" if names else "")) from None
-
-
-FLAGS = {"d_model": "--width", "n_layers": "--layers", "n_heads": "--encoder-heads", "fusion_heads": "--heads",
-         "fusion_dropout": "--dropout"}
-
-
-def setup_distributed(device):
-    """Under torchrun: join the process group (one GPU per process, or gloo on the CPU).
-    Returns (rank, world_size, this process's device)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        torch.cuda.set_device(device := torch.device("cuda", int(os.environ["LOCAL_RANK"])))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 class Unimodal(nn.Module):
@@ -253,8 +249,7 @@ class Unimodal(nn.Module):
 
 
 def pretrain(model, xs, y, args, device, log):
-    """Warm start (--pretrain-epochs): each encoder first trained alone on its own modality with a
-    temporary linear head; our stand-in for the paper's ImageNet-initialised encoders."""
+    """--pretrain-epochs: each encoder trained alone first (our stand-in for the paper's ImageNet weights)."""
     accuracy = {}
     for j, name in enumerate(model.cfg.modalities):
         solo = Unimodal(model.encoders[j], model.cfg.d_model, model.cfg.n_classes).to(device)
@@ -296,16 +291,14 @@ def epoch_line(epoch, epochs, loss, ev, rolls, record, seconds):
         line += f"  air {ev['air']:+.3f}" + (f" ({ev['air_leader']})" if "air_leader" in ev else "")
         line += "  attn " + " ".join(f"{a:.2f}" for a in ev["attention"].values())
     if rolls is not None:
-        heads = record.get("heads", [])
-        which = f" heads {heads}" if len(record.get("air", [])) > 1 else ""
-        line += f"  rolls {rolls}" + (f"  rolled{which} at batch AIR " + " ".join(f"{record['air'][h]:+.3f}" for h in heads)
-                                      if record["rolled"] else "")
+        which = f" heads {record.get('heads')}" if len(record.get("air", [])) > 1 else ""
+        line += f"  rolls {rolls}" + (f"  rolled{which} at batch AIR " + " ".join(
+            f"{record['air'][h]:+.3f}" for h in record["heads"]) if record["rolled"] else "")
     return line + f"  {seconds:.1f}s"
 
 
 def run_config(args, model):
-    """What metrics.json records of a run: its arguments and the architecture in use; a loaded
-    model records where it came from and its rolls, not the defaults it never used."""
+    """metrics.json's config: the arguments and the architecture in use (a loaded model's, and where from)."""
     arch = asdict(model.cfg) if hasattr(model, "cfg") else None       # None: --unimodal
     rolls_done = int(model.fusion.rotation.rolls) if hasattr(model, "fusion") else 0
     if args.eval_only:
@@ -317,23 +310,13 @@ def run_config(args, model):
     return {**config, "model": arch, **({"loaded": {"path": args.load, "rolls_done": rolls_done}} if args.load else {})}
 
 
-def ranks_agree(model, metrics):
-    """True when every rank ends with the same rotation and the same metrics."""
-    mine = (model.fusion.rotation.R.cpu().tolist() if hasattr(model, "fusion") else None,
-            json.dumps({"epochs": metrics["epochs"], "acc": metrics["final"]["acc"]}, sort_keys=True))
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
-    return all(e == every[0] for e in every)
-
-
 def save_checkpoint(path, model):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": asdict(model.cfg), "model": model.state_dict()}, path)
 
 
 def load_checkpoint(path, data):
-    """A model saved by save_checkpoint. One saved before fusion_head existed is a prenorm model
-    whose rotation buffers sat on the fusion layer itself."""
+    """A model saved by save_checkpoint; one saved before fusion_head existed is prenorm (R on the layer)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model = MultimodalTransformer(cfg := Config(**{"fusion_head": "prenorm", **checkpoint["config"]}))
@@ -390,16 +373,15 @@ def build_parser(description=None):
                        formatter_class=HelpFormatter)
     g = p.add_argument_group("method")
     g.add_argument("--rollingq", action="store_true", help="roll the CLS query (off: vanilla attention fusion)")
-    g.add_argument("--fusion", choices=["attention", "concat"], default="attention",
-                   help="attention: a CLS token attends over all tokens; concat: the static baseline")
+    g.add_argument("--fusion", choices=["attention", "concat"], default="attention", help="concat: the static baseline")
     g.add_argument("--fusion-head", choices=["authors", "prenorm"], default="authors",
                    help="authors: their model (a CLS token per encoder; no norm, no residual around the fusion); "
                         "prenorm: mean-pooled encoders, LayerNorm and residual around the fusion")
     g.add_argument("--beta", type=float, default=0.0, help="roll only when |AIR| > beta")
     g.add_argument("--sigma", type=float, default=0.0, help="anchor lean toward the weaker modality (0: bisector)")
     g.add_argument("--max-rolls", type=max_rolls_arg, default=1, metavar="N|none",
-                   help="roll at most N times, each at the end of an epoch but the last (the authors' 1: right after "
-                        "the first epoch); none: after every epoch but the last")
+                   help="roll at most N times, each after an epoch but the last (the authors' 1: after the first); "
+                        "none: after every epoch but the last")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout on the fusion attention weights and output "
                    "(the authors')")
     g = p.add_argument_group("model and training")
@@ -409,9 +391,9 @@ def build_parser(description=None):
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd: momentum 0.9 (the authors')")
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     g.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
-                   help="cosine: linear warm-up over 2.5 epochs, then cosine decay to zero, per step (the authors')")
-    g.add_argument("--pretrain-epochs", type=int, default=0, metavar="N",
-                   help="warm start: first train each encoder alone on its own modality for N epochs")
+                   help="cosine (the authors'): linear warm-up over 2.5 epochs, then cosine decay to zero, per step")
+    g.add_argument("--pretrain-epochs", type=int, default=0, metavar="N", help="warm start: first train each encoder "
+                   "alone on its own modality for N epochs")
     g.add_argument("--unimodal", metavar="NAME", help="train one modality's encoder with a linear head, on it alone")
     g.add_argument("--width", type=int, default=64, help="model width d_model")
     g.add_argument("--layers", type=int, default=2, help="Transformer blocks per modality encoder")
@@ -437,30 +419,31 @@ def parse_args(argv=None, parser=None):
     return args
 
 
-def check_args(args):
+def check_args(a):
     """The refusals that belong to the command line; Config and RollingQ check their own values."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    refusals = [(not 0 < getattr(args, name) < math.inf,              # also refuses nan
-                 f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
-                for name in ("epochs", "batch_size", "lr")] + [
-        (args.pretrain_epochs < 0, f"--pretrain-epochs must be >= 0, got {args.pretrain_epochs}"),
-        (args.eval_only and not args.load, "--eval-only needs --load PATH (a model saved with --save)"),
-        (args.load and (args.unimodal or args.pretrain_epochs),
-         "--load continues a saved model; it takes no --unimodal or --pretrain-epochs"),
-        (args.unimodal and (args.rollingq or args.save or args.pretrain_epochs),
-         "--unimodal trains one encoder alone; it takes no --rollingq, --save or --pretrain-epochs"),
-        (args.rollingq and args.fusion == "concat", "--rollingq rolls the fusion attention's query; it needs --fusion attention"),
-        (args.batch_size < world, f"--batch-size {args.batch_size} is smaller than the {world} processes it is split across"),
-        (args.save and Path(args.save).is_dir(), f"--save {args.save}: is a directory; give a file such as {args.save}/model.pt")]
-    for flag, folder in (("--out", args.out), ("--save", args.save and Path(args.save).parent)):
+    for name in ("epochs", "batch_size", "lr"):
+        if not 0 < getattr(a, name) < math.inf:                      # also refuses nan
+            raise UsageError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(a, name)}")
+    if a.pretrain_epochs < 0:
+        raise UsageError(f"--pretrain-epochs must be >= 0, got {a.pretrain_epochs}")
+    if a.eval_only and not a.load:
+        raise UsageError("--eval-only needs --load PATH (a model saved with --save)")
+    if a.load and (a.unimodal or a.pretrain_epochs):
+        raise UsageError("--load continues a saved model; it takes no --unimodal or --pretrain-epochs")
+    if a.unimodal and (a.rollingq or a.save or a.pretrain_epochs):
+        raise UsageError("--unimodal trains one encoder alone; it takes no --rollingq, --save or --pretrain-epochs")
+    if a.rollingq and a.fusion == "concat":
+        raise UsageError("--rollingq rolls the fusion attention's query; it needs --fusion attention")
+    if a.batch_size < int(os.environ.get("WORLD_SIZE", "1")):
+        raise UsageError(f"--batch-size {a.batch_size} is smaller than the number of processes it is split across")
+    if a.save and Path(a.save).is_dir():
+        raise UsageError(f"--save {a.save}: is a directory; give a file path such as {a.save}/model.pt")
+    for flag, folder in (("--out", a.out), ("--save", a.save and Path(a.save).parent)):
         existing = Path(folder or ".").absolute()                     # checked now, created when written
         while not existing.exists():
             existing = existing.parent
-        refusals.append((folder and not (existing.is_dir() and os.access(existing, os.W_OK)),
-                         f"{flag}: cannot create the folder {folder}: {existing} is not a writable folder"))
-    for refused, message in refusals:
-        if refused:
-            raise UsageError(message)
+        if folder and not (existing.is_dir() and os.access(existing, os.W_OK)):
+            raise UsageError(f"{flag}: cannot create the folder {folder}: {existing} is not a writable folder")
 
 
 def get_device(name):
