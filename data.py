@@ -59,7 +59,7 @@ class Modality:
 
 
 # The default, built on the paper's premise: both modalities end up about equally informative
-# alone (unimodal accuracy within 5 points), but audio is learned several times faster: its
+# alone (unimodal accuracies about 5 points apart), but audio is learned several times faster: its
 # class signal is plain (linear), visual's carries a random sign per sample (non-linear) and is
 # spread over twice as many weaker tokens. Each is drawn as pure noise for 30 % of the samples;
 # where both were, one is restored, so each ends up noise on about 25.5 %, never both.
@@ -173,6 +173,10 @@ def load_npz(path):
             raise DataError(f"{path}: the {split} split is empty")
         ys[split] = y.astype(np.int64)
     n_classes = int(ys["train"].max()) + 1
+    present = np.unique(ys["train"])                                  # sorted
+    if present[0] >= 0 and len(present) < n_classes:                  # some class in 0..C-1 has no sample
+        raise DataError(f"{path}: train_y has no sample of {n_classes - len(present)} of the classes 0..{n_classes - 1}"
+                        f" (C = 1 + the largest label); number the classes 0..C-1 with every class present")
     for split, y in ys.items():
         if y.min() < 0 or y.max() >= n_classes:
             raise DataError(f"{path}: {split}_y has labels outside 0..{n_classes - 1} "

@@ -210,8 +210,9 @@ class Config:
         for name in ("n_heads", "fusion_heads"):
             if self.d_model % getattr(self, name) != 0:
                 raise ValueError(f"d_model = {self.d_model} must be divisible by {name} = {getattr(self, name)}")
-        if self.fusion == "attention" and self.d_model // self.fusion_heads < 2:
-            raise ValueError(f"the fusion heads need width d_model / fusion_heads >= 2 to rotate, "
+        if self.fusion == "attention" and self.d_model // self.fusion_heads < max(2, len(self.modalities)):
+            raise ValueError(f"the fusion heads need width d_model / fusion_heads >= 2 to rotate, and >= the number "
+                             f"of modalities ({len(self.modalities)}) for an anchor equally close to every mean key; "
                              f"got {self.d_model} / {self.fusion_heads}")
         for name in ("dropout", "fusion_dropout"):
             if not 0 <= getattr(self, name) < 1:
@@ -237,7 +238,7 @@ class Attention(nn.Module):
         B, nh, T, hs = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs))  # (B, T, C)
 
-    def forward(self, x):                                     # x: (B, T, C)
+    def forward(self, x):                                     # x: (B, T, C) -> (B, T, C)
         q, k, v = self.split(x)                               # (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
         return self.merge(F.scaled_dot_product_attention(q, k, v, dropout_p=p))
@@ -274,9 +275,9 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
 
     def forward(self, x):                                     # (B, L, D) -> (B, T_m, C), T_m = L (+1: CLS)
-        x = self.embed(x)
+        x = self.embed(x)                                     # (B, L, C)
         if self.cls is not None:
-            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)   # (B, 1 + L, C)
         x = x + self.pos
         for block in self.blocks:
             x = block(x)
@@ -332,7 +333,7 @@ class FusionAttention(Attention):
     """
 
     def __init__(self, d_model, n_heads, spans, dropout=0.0):
-        super().__init__(d_model, n_heads, dropout)
+        super().__init__(d_model, n_heads)                    # SDPA's dropout unused: the CLS row is written out
         self.spans = spans                                    # [(start, end)] of each modality's tokens
         # P (M, T): row m averages modality m's tokens, so P k stacks the mean keys k̄_m in one product
         P = torch.zeros(len(spans), spans[-1][1])
@@ -432,8 +433,8 @@ class MultimodalTransformer(nn.Module):
             y, extra = self.fusion(x, stats)                  # (B, C)
             logits = self.head(y)                             # (B, n_classes)
         else:                                                 # classifier(ln_f(x_cls + fusion(ln(x))))
-            y, extra = self.fusion(self.ln(x), stats)
-            logits = self.head(self.ln_f(x[:, 0] + y))
+            y, extra = self.fusion(self.ln(x), stats)         # (B, C)
+            logits = self.head(self.ln_f(x[:, 0] + y))        # (B, n_classes)
         return Output(logits, probe_logits, **extra)
 
 
@@ -454,7 +455,9 @@ class RollingQ:
          a head whose mean keys point opposite ways has no anchor and is skipped;
       3. R_new = rotation_matrix(q̄, t), composed as R <- R_new R.
     (The authors take the means from an extra pass over the training set after the epoch; we
-    use the forward passes training already makes.) Under torch.distributed the statistics
+    use the forward passes training already makes. The keys move during the epoch, so K̄ lags
+    the model a little and the next batch's AIR is near 0, not exactly 0. In MultimodalTransformer
+    the CLS query is the same for every sample, so q̄ is simply the query in use.) Under torch.distributed the statistics
     are summed over ranks, so every rank rolls at the same epoch with the same rotation. The
     roll count, which max_rolls bounds, counts the epochs at which any head rolled.
     """
@@ -496,6 +499,10 @@ class RollingQ:
             raise ValueError("RollingQ.step: observe() saw no batch since the last step")
         rotation = query_rotation(model)
         q, k_bar = self.last                                  # last batch: (B, nh, hs), (B, nh, M, hs)
+        nh, hs = rotation.R.shape[:2]
+        if q.shape[1:] != (nh, hs):
+            raise ValueError(f"RollingQ observed queries of {q.shape[1]} head(s) of width {q.shape[2]}, but the "
+                             f"QueryRotation it found has {nh} head(s) of width {hs}")
         q_sum, cos_sum, n_last, key_sum, n = sum_over_ranks(
             q.sum(0), modality_cosines(q, k_bar).sum(0), q.shape[0], self.key_sum, self.n)
         q_bar = q_sum / n_last                                # (nh, hs) mean query of the last batch

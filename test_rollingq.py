@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rollingq import (Config, MultimodalTransformer, NoAnchor, QueryRotation, RollingQ, air_from_cosines,
-                      attention_imbalance_rate, modality_cosines, modality_leads, rolling_target, rotation_matrix)
+                      attention_imbalance_rate, key_gap, modality_cosines, modality_leads, rolling_target,
+                      rotation_matrix)
 
 settings.register_profile("default", deadline=None, max_examples=40)
 settings.load_profile("default")
@@ -184,6 +185,16 @@ def test_modality_leads_sum_to_zero_and_reduce_to_air_for_two(M, d, seed):
         assert float(air_from_cosines(c)) >= 0
 
 
+@given(d=st.integers(2, 64), seed=seeds, scale=st.floats(1e-3, 1e3))
+def test_key_gap_is_zero_for_one_direction_two_for_opposite_ones_and_blind_to_scale(d, seed, scale):
+    k, other = torch.randn(2, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    assert abs(key_gap(torch.stack([k, scale * k])[None])) < 1e-9
+    assert abs(key_gap(torch.stack([k, -scale * k])[None]) - 2) < 1e-9
+    gap = key_gap(torch.stack([k, other])[None])
+    assert abs(gap - (1 - float(F.cosine_similarity(k, other, 0)))) < 1e-9
+    assert abs(key_gap(torch.stack([scale * k, other])[None]) - gap) < 1e-9
+
+
 def test_air_is_the_mean_over_samples_of_the_cosine_difference():
     g = torch.Generator().manual_seed(0)
     q, K = torch.randn(50, 8, generator=g), torch.randn(50, 2, 8, generator=g)   # (N, d), (N, M, d)
@@ -342,6 +353,18 @@ def test_roll_condition_respects_beta_and_max_rolls():
     assert int(model.fusion.rotation.rolls) == 2
 
 
+def test_the_roll_condition_reads_the_last_batch_not_the_epoch():
+    e = torch.eye(16)
+    q = e[0].expand(4, 1, 16)                                   # (B, nh, hs)
+    leaning = torch.stack([e[0], e[1]])[None, None].expand(4, 1, 2, 16)   # AIR = cos(q, e0) - cos(q, e1) = 1
+    level = torch.stack([e[0] + e[1], e[0] + e[1]])[None, None].expand(4, 1, 2, 16)   # AIR = 0
+    for batches, rolls in (((leaning, level), False), ((level, leaning), True)):
+        controller = RollingQ(beta=0.5)
+        for keys in batches:
+            controller.observe(q, keys)
+        assert controller.step(tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)}))["rolled"] is rolls
+
+
 def test_a_head_without_anchor_waits_instead_of_failing():
     model = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
     q = torch.randn(4, 1, 16)                                   # (B, nh, hs)
@@ -409,12 +432,18 @@ def test_controller_and_model_reject_bad_arguments():
         RollingQ().observe(out.query, out.key_means)
     with pytest.raises(ValueError, match=r"query \(B, nh, hs\) and key_means \(B, nh, M, hs\); got \(4, 8\)"):
         RollingQ().observe(torch.zeros(4, 8), torch.zeros(4, 1, 2, 8))
+    controller = RollingQ()
+    controller.observe(torch.ones(4, 1, 8), torch.ones(4, 1, 2, 8))
+    with pytest.raises(ValueError, match=r"queries of 1 head\(s\) of width 8, .* 1 head\(s\) of width 16"):
+        controller.step(tiny_model())
     with pytest.raises(ValueError, match="at least 2 modalities"):
         Config({"audio": (2, 3)}, 2)
     with pytest.raises(ValueError, match="divisible"):
         Config(MODALITIES, 2, d_model=10, n_heads=4)
     with pytest.raises(ValueError, match="fusion_head must be 'authors' or 'prenorm'"):
         Config(MODALITIES, 2, fusion_head="postnorm")
+    with pytest.raises(ValueError, match=r">= the number of modalities \(3\)"):
+        Config(MODALITIES, 2, d_model=16, fusion_heads=8)          # heads of width 2 for 3 modalities
     with pytest.raises(ValueError, match="3 modality tensors"):
         tiny_model()(batch(0)[:2])
 
@@ -440,11 +469,16 @@ def test_model_takes_vectors_as_one_token_and_names_a_badly_shaped_modality():
         model([xs[0], xs[1][:5], xs[2]])
 
 
-def test_fusion_dropout_acts_in_training_only():
-    model = tiny_model(fusion_dropout=0.5)
+def test_fusion_dropout_acts_on_the_attention_weights_and_the_output_in_training_only():
     xs = batch(0)
-    assert not torch.equal(model(xs).logits, model(xs).logits)
-    model.eval()
+    for weights, output in ((0.5, 0.0), (0.0, 0.5)):            # each dropout alone
+        model = tiny_model(fusion_dropout=0.5)
+        model.fusion.attn_drop.p, model.fusion.drop.p = weights, output
+        assert not torch.equal(model(xs).logits, model(xs).logits)
+        model.eval()
+        assert torch.equal(model(xs).logits, model(xs).logits)
+    model.fusion.attn_drop.p = model.fusion.drop.p = 0.0
+    model.train()
     assert torch.equal(model(xs).logits, model(xs).logits)
     with pytest.raises(ValueError, match="fusion_dropout must be in"):
         Config(MODALITIES, 4, fusion_dropout=1.0)

@@ -172,7 +172,10 @@ def run(args, data, device, log=print, on_step=None):
     rank, world = 0, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:                   # torchrun: nccl, a GPU per process; or gloo
         if device.type == "cuda":
-            torch.cuda.set_device(device := torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            if device.index >= torch.cuda.device_count():
+                raise UsageError(f"torchrun started more processes than the {torch.cuda.device_count()} GPU(s) here")
+            torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -273,8 +276,9 @@ def describe(args, data, model, device, world):
         parts.append(f"concat fusion, {model.cfg.fusion_head} encoders")
     else:
         parts.append(f"attention fusion, {model.cfg.fusion_head} head, fusion dropout {model.cfg.fusion_dropout:g}, "
-                     + (f"RollingQ (beta {args.beta:g}, sigma {args.sigma:g}, max-rolls {rolls})" if args.rollingq
-                        else "vanilla"))
+                     + (f"RollingQ (beta {args.beta:g}, sigma {args.sigma:g}, max-rolls {rolls}"
+                        + ("; no roll: a roll needs an epoch after it" if args.epochs < 2 else "") + ")"
+                        if args.rollingq else "vanilla"))
         parts.append(f"AIR > 0: {data.names[0]} favoured, < 0: {data.names[1]}" if len(data.names) == 2
                      else "AIR: the favoured modality's lead (named)")
     if not args.eval_only:
@@ -325,7 +329,8 @@ def load_checkpoint(path, data):
     except FileNotFoundError:
         raise UsageError(f"--load {path}: no such file") from None
     except Exception as e:
-        raise UsageError(f"--load {path}: not a checkpoint written by --save ({type(e).__name__})") from None
+        why = (str(e).strip().splitlines() or [""])[0][:150]
+        raise UsageError(f"--load {path}: not a checkpoint written by --save ({type(e).__name__}: {why})") from None
     if list(cfg.modalities.items()) != list(data.modalities.items()) or cfg.n_classes != data.n_classes:
         raise UsageError(f"--load {path}: the model expects modalities {cfg.modalities} and "
                          f"{cfg.n_classes} classes, the data has {data.modalities} and {data.n_classes}")
@@ -343,7 +348,7 @@ def write_json(path, obj, quiet=False):
 # The command line
 
 # --preset paper: the paper's model size (and for the built-in data, data.PAPER_SIZE: its token counts)
-PRESETS = {"small": {}, "paper": {"width": 768, "layers": 4, "encoder_heads": 12, "heads": 1, "batch_size": 32}}
+PRESETS = {"small": {}, "paper": {"width": 768, "layers": 4, "encoder_heads": 12, "heads": 1}}
 
 
 class UsageError(Exception):
@@ -357,7 +362,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):                               # a default only where there is one
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def max_rolls_arg(text):
@@ -366,7 +371,7 @@ def max_rolls_arg(text):
     return None if text == "none" else int(text)
 
 
-def build_parser(description=None):
+def build_parser(description=None, out="write DIR/metrics.json"):
     """train.py's flags; the experiments add their own to them."""
     p = ArgumentParser(description=description or "Train a multimodal Transformer with attention fusion, with or "
                        "without RollingQ (Ni et al., ICML 2025), and report accuracy, AIR and attention shares.",
@@ -400,11 +405,11 @@ def build_parser(description=None):
     g.add_argument("--encoder-heads", type=int, default=4, help="attention heads in the encoder blocks")
     g.add_argument("--heads", type=int, default=1, help="fusion attention heads (the paper uses 1)")
     g.add_argument("--preset", choices=sorted(PRESETS), default="small", help="paper: width 768, 4 encoder layers "
-                   "of 12 heads, 256 + 196 tokens of built-in data; sized for a GPU (explicit flags still win)")
+                   "of 12 heads, 256 + 196 tokens of built-in data: a GPU setting (explicit flags still win)")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch order")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     g = p.add_argument_group("files")
-    g.add_argument("--out", metavar="DIR", help="write DIR/metrics.json")
+    g.add_argument("--out", metavar="DIR", help=out)
     g.add_argument("--save", metavar="PATH", help="save the trained model (config + state_dict)")
     g.add_argument("--load", metavar="PATH", help="start from a saved model (its architecture replaces --width, ...)")
     g.add_argument("--eval-only", action="store_true", help="with --load: evaluate only, no training")
@@ -426,6 +431,8 @@ def check_args(a):
             raise UsageError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(a, name)}")
     if a.pretrain_epochs < 0:
         raise UsageError(f"--pretrain-epochs must be >= 0, got {a.pretrain_epochs}")
+    if not 0 <= a.seed < 2**63:
+        raise UsageError(f"--seed must be in 0..2**63-1, got {a.seed}")
     if a.eval_only and not a.load:
         raise UsageError("--eval-only needs --load PATH (a model saved with --save)")
     if a.load and (a.unimodal or a.pretrain_epochs):
@@ -465,8 +472,8 @@ def load_data(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if not args.rollingq and (args.beta, args.sigma, args.max_rolls) != (0.0, 0.0, 1):
+    args, defaults = parse_args(argv), build_parser().parse_args([])
+    if not args.rollingq and any(getattr(args, k) != getattr(defaults, k) for k in ("beta", "sigma", "max_rolls")):
         raise UsageError("--beta, --sigma and --max-rolls set RollingQ's rolls; add --rollingq")
     device, data = get_device(args.device), load_data(args)
     try:

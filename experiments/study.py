@@ -154,7 +154,7 @@ def premise(unimodal_rows, rows, names):
             fractions.append(sum(right) / len(right))
         only[m] = fractions
     return {
-        "a_unimodal_acc": {m: mean_std(a) for m, a in acc.items()}, "a_gap": round(gap, 3), "a_holds": gap <= 0.05,
+        "a_unimodal_acc": {m: mean_std(a) for m, a in acc.items()}, "a_gap": round(gap, 4), "a_holds": gap <= 0.05,
         "b_epochs_to_90pct": {m: mean_std(s, 1) for m, s in speed.items()}, "b_faster": fast, "b_slower": slow,
         "b_holds": statistics.mean(speed[fast]) < statistics.mean(speed[slow]),
         "c_slower_probe": {f: mean_std(p) for f, p in probe.items()}, "c_probe_gap": round(probe_gap, 3),
@@ -240,13 +240,17 @@ def regimes_arg(text):
 
 def parse_args(argv=None):
     p = train.build_parser(__doc__.split("\n")[0] + " The regimes' settings replace the command line's; "
-                           "the default regime takes the command line's.")
+                           "the default regime takes the command line's.",
+                           out="write DIR/study.md, study.json, study.png (with matplotlib) and one file per run in "
+                               "DIR/runs/ (a study started again resumes from them; delete them after changing the "
+                               "code or the data)")
     p.prog = "python -m experiments.study"
     g = p.add_argument_group("study")
     g.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every row")
     g.add_argument("--regimes", type=regimes_arg, default=["default", "authors"], metavar="A,B",
                    help=f"comma-separated, from: {', '.join(REGIMES)}")
-    args = parse(p, argv, fixed=("rollingq", "fusion", "max_rolls", "seed", "unimodal", "load", "eval_only", "save"))
+    args = parse(p, argv, fixed=("rollingq", "fusion", "max_rolls", "seed", "unimodal", "load", "eval_only", "save",
+                                 "pretrain_epochs"))
     if args.seeds < 1:
         raise train.UsageError(f"--seeds must be at least 1, got {args.seeds}")
     return args

@@ -57,5 +57,5 @@ def run_in_process(argv, data):
 
 
 def refused(r, message):
-    """A refusal as the brief wants it: one line on stderr, exit status 2, saying `message`."""
+    """A refusal: one line on stderr that says `message`, and exit status 2."""
     return r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr

@@ -41,11 +41,12 @@ def test_a_warm_start_regime_takes_its_premise_from_the_same_regime_without_it()
     assert study.unimodal_regime("default") == "default"
 
 
-def test_experiments_refuse_the_flags_they_set_themselves(tiny_npz):
+def test_experiments_refuse_the_flags_they_set_themselves_and_bad_roll_settings_at_once():
     r = cli("--rollingq", module="experiments.study")
     assert refused(r, "--rollingq: python -m experiments.study sets it itself")
     r = cli("--regimes", "default,nosuch", module="experiments.study")
     assert refused(r, "unknown regime 'nosuch'")
+    assert refused(cli("--beta", "-1", module="experiments.bench"), "finite beta >= 0")
     r = cli("--help", module="experiments.bench")
     assert r.returncode == 0 and "--rounds" in r.stdout and "--rollingq" not in r.stdout
 
@@ -58,12 +59,14 @@ def test_anatomy_traces_air_and_splits_its_change_into_query_and_key_parts(tiny_
     assert all(t["query_part"] == 0 and t["key_part"] == 0 for t in firsts)   # measured from the roll
     assert all(abs(sum(t["attention"].values()) - 1) < 1e-5 for t in trace)
     assert [t["epoch"] for t in trace] == sorted(t["epoch"] for t in trace) and trace[-1]["epoch"] == 3
+    for s in summary:                                           # the two parts add up to the change they split
+        assert s["means_change"] == pytest.approx(s["query_part"] + s["key_part"], abs=1e-6)
 
 
 def test_a_roll_that_overshoots_is_not_counted_as_undone():
     airs = [0.2, -0.18, -0.1, 0.05, 0.12, 0.3]                  # the roll lands at -0.18: past 0, not back
-    trace = [{"epoch": 1.0, "rolls": 0, "air": airs[0], "query_part": 0, "key_part": 0}]
-    trace += [{"epoch": 1 + i / 10, "rolls": 1, "air": a, "query_part": 0, "key_part": 0} for i, a in enumerate(airs[1:])]
+    trace = [{"epoch": 1 + i / 10, "rolls": int(i > 0), "air": a, "air_of_means": a, "query_part": 0, "key_part": 0}
+             for i, a in enumerate(airs)]
     (s,) = anatomy.roll_summary(trace, steps_per_epoch=10)
     assert s["air_before"] == 0.2 and s["air_after"] == -0.18 and s["steps_back"] == 3   # +0.12 >= 0.2 / 2
     trace[-2]["air"] = trace[-1]["air"] = -0.3                  # never back on its side
