@@ -30,8 +30,6 @@ def bench(args, data, device, rounds=21):
     xs, y = [x.to(device) for x in data.train_x], data.train_y.to(device)
     autocast = train.bf16_autocast(device)
     g = torch.Generator().manual_seed(args.seed)
-    if device.type == "cpu" and args.preset == "paper":
-        print("--preset paper is sized for a GPU: on a CPU one step takes seconds (timing the first one)", flush=True)
     seconds, first = {name: [] for name in setups}, True
     for r in range(rounds + 1):                                       # round 0 warms up and is not counted
         batches = [torch.randint(len(y), (args.batch_size,), generator=g).to(device) for _ in range(args.steps)]

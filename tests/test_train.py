@@ -108,7 +108,8 @@ def test_cli_bad_input_gets_one_line_exit_status_2_and_leaves_no_out_folder(tmp_
         (["--rollingq", "--fusion", "concat"], "needs --fusion attention"),
         (["--data", tiny_npz, "--rollingq", "--sigma", "inf"], "finite sigma >= 0"),
         (["--data", tiny_npz, "--rollingq", "--heads", "64"],
-         "width d_model / fusion_heads >= 2 to rotate, got 64 / 64 (d_model is --width, fusion_heads is --heads)"),
+         "width d_model / fusion_heads >= 2 to rotate, and >= the number of modalities (2) for an anchor equally "
+         "close to every mean key; got 64 / 64 (d_model is --width, fusion_heads is --heads)"),
         (["--data", tiny_npz, "--width", "10"], "d_model = 10 must be divisible by n_heads = 4"),
         (["--data", tiny_npz, "--dropout", "1"], "fusion_dropout must be in [0, 1), got 1.0 (fusion_dropout is --dropout)"),
         (["--max-rolls", "none"], "add --rollingq"),
