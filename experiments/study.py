@@ -2,7 +2,7 @@
 
     python -m experiments.study --out runs/study                       # built-in data, authors' head
     python -m experiments.study --fusion-head prenorm --out runs/study-prenorm
-    python -m experiments.study --data runs/digits.npz --out runs/study-digits
+    python -m experiments.study --data runs/digits.npz --out runs/study-digits   # docs/reproduction.md makes the file
 
 For each training regime, over --seeds seeds: static concat, vanilla attention and RollingQ
 (1 roll, 3 rolls, every epoch), plus the unimodal runs that measure the data's premise.
