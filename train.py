@@ -371,9 +371,9 @@ def max_rolls_arg(text):
     return None if text == "none" else int(text)
 
 
-def build_parser(description=None, out="write DIR/metrics.json"):
+def build_parser(description=None, out="write DIR/metrics.json", prog=None):
     """train.py's flags; the experiments add their own to them."""
-    p = ArgumentParser(description=description or "Train a multimodal Transformer with attention fusion, with or "
+    p = ArgumentParser(prog=prog, description=description or "Train a multimodal Transformer with attention fusion, with or "
                        "without RollingQ (Ni et al., ICML 2025), and report accuracy, AIR and attention shares.",
                        formatter_class=HelpFormatter)
     g = p.add_argument_group("method")

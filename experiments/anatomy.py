@@ -107,8 +107,8 @@ def plot_anatomy(plt, trace, names, head):
 
 
 def parse_args(argv=None):
-    p = train.build_parser(__doc__.split("\n")[0], out="write DIR/anatomy.json and DIR/anatomy.png (with matplotlib)")
-    p.prog = "python -m experiments.anatomy"
+    p = train.build_parser(__doc__.split("\n")[0], out="write DIR/anatomy.json and DIR/anatomy.png (with matplotlib)",
+                           prog="python -m experiments.anatomy")
     args = parse(p, argv, fixed=("rollingq", "fusion", "unimodal", "load", "eval_only", "save"))
     args.rollingq = True
     return args

@@ -69,8 +69,7 @@ def bench(args, data, device, rounds=21):
 
 
 def parse_args(argv=None):
-    p = train.build_parser(__doc__.split("\n")[0], out="write DIR/bench.json")
-    p.prog = "python -m experiments.bench"
+    p = train.build_parser(__doc__.split("\n")[0], out="write DIR/bench.json", prog="python -m experiments.bench")
     g = p.add_argument_group("bench")
     g.add_argument("--steps", type=int, help="training steps per timed block (default: one epoch's)")
     g.add_argument("--rounds", type=int, default=21, help="timed rounds after one warm-up round")

@@ -243,8 +243,7 @@ def parse_args(argv=None):
                            "the default regime takes the command line's.",
                            out="write DIR/study.md, study.json, study.png (with matplotlib) and one file per run in "
                                "DIR/runs/ (a study started again resumes from them; delete them after changing the "
-                               "code or the data)")
-    p.prog = "python -m experiments.study"
+                               "code or the data)", prog="python -m experiments.study")
     g = p.add_argument_group("study")
     g.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every row")
     g.add_argument("--regimes", type=regimes_arg, default=["default", "authors"], metavar="A,B",
