@@ -17,7 +17,7 @@ from rollingq import (Config, MultimodalTransformer, NoAnchor, QueryRotation, Ro
                       attention_imbalance_rate, key_gap, modality_cosines, modality_leads, rolling_target,
                       rotation_matrix)
 
-settings.register_profile("default", deadline=None, max_examples=40)
+settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)   # the same examples every run: no flaky CI
 settings.load_profile("default")
 
 dims = st.integers(2, 1024)
