@@ -340,6 +340,7 @@ class FusionAttention(Attention):
         for m, (s, e) in enumerate(spans):
             P[m, s:e] = 1.0 / (e - s)
         self.register_buffer("P", P, persistent=False)
+        self.register_buffer("member", (P > 0).float().T, persistent=False)   # (T, M): token t is modality m's
         self.rotation = QueryRotation(n_heads, d_model // n_heads)
         self.attn_drop = nn.Dropout(dropout)                  # on the attention weights, as the authors
         self.drop = nn.Dropout(dropout)                       # on the output, as the authors
@@ -355,7 +356,7 @@ class FusionAttention(Attention):
             extra["query"] = q.detach()[:, :, 0]              # (B, nh, hs), the query in use: R q
             extra["key_means"] = P @ k.detach()               # (B, nh, M, hs): k̄_m(x) = mean of modality m's keys
             # CLS attention mass on each modality's tokens (the rest is on the CLS token itself)
-            extra["attention"] = (a.detach() @ (P > 0).to(a.dtype).T)[:, :, 0]     # (B, nh, 1, T) @ (T, M) -> (B, nh, M)
+            extra["attention"] = (a.detach() @ self.member.to(a.dtype))[:, :, 0]   # (B, nh, 1, T) @ (T, M) -> (B, nh, M)
         return y, extra
 
 
@@ -457,9 +458,10 @@ class RollingQ:
     (The authors take the means from an extra pass over the training set after the epoch; we
     use the forward passes training already makes. The keys move during the epoch, so K̄ lags
     the model a little and the next batch's AIR is near 0, not exactly 0. In MultimodalTransformer
-    the CLS query is the same for every sample, so q̄ is simply the query in use.) Under torch.distributed the statistics
-    are summed over ranks, so every rank rolls at the same epoch with the same rotation. The
-    roll count, which max_rolls bounds, counts the epochs at which any head rolled.
+    the CLS query is the same for every sample, so q̄ is simply the query in use.) Under
+    torch.distributed the statistics are summed over ranks, so every rank rolls at the same
+    epoch with the same rotation. The roll count, which max_rolls bounds, counts the epochs at
+    which any head rolled.
     """
 
     def __init__(self, beta=0.0, sigma=0.0, max_rolls=1):
@@ -480,7 +482,8 @@ class RollingQ:
         """Per training step: query (B, nh, hs), the rotated CLS query R q of each sample, and
         key_means (B, nh, M, hs), each modality's mean key. One running sum, no host-device sync."""
         if query is None or key_means is None:
-            raise ValueError("RollingQ.observe needs the CLS query and the mean keys: the output of model(xs, stats=True)")
+            raise ValueError("RollingQ.observe needs the CLS query and the mean keys: "
+                             "the output of model(xs, stats=True)")
         if query.dim() != 3 or key_means.dim() != 4 or key_means.shape[:2] + key_means.shape[3:] != query.shape:
             raise ValueError(f"RollingQ.observe expects query (B, nh, hs) and key_means (B, nh, M, hs); "
                              f"got {tuple(query.shape)} and {tuple(key_means.shape)}")

@@ -38,11 +38,11 @@ ROWS = {"concat": {"fusion": "concat", "rollingq": False},
         "RollingQ, every epoch": {"fusion": "attention", "rollingq": True, "max_rolls": None}}
 
 
-def study_run(args, overrides, data, device, cache):
-    """One run of the study; with --out its metrics are kept in DIR/runs/<hash>.json, so an
-    interrupted study resumes where it stopped and identical runs are made once."""
-    names = vars(train.parse_args([]))                                # train.py's own flags
-    run_args = argparse.Namespace(**{**{k: v for k, v in vars(args).items() if k in names},
+def study_run(args, overrides, data, device, cache, flags):
+    """One run of the study (`flags`: the names of train.py's own flags); with --out its metrics
+    are kept in DIR/runs/<hash>.json, so an interrupted study resumes where it stopped and
+    identical runs are made once."""
+    run_args = argparse.Namespace(**{**{k: v for k, v in vars(args).items() if k in flags},
                                      "load": None, "eval_only": False, "unimodal": None, **overrides})
     key = {k: v for k, v in vars(run_args).items() if k not in ("device", "out", "save")}
     path = cache / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json") \
@@ -77,10 +77,10 @@ def study(args, data, device):
     premise_regimes = [r for r in REGIMES if r in map(unimodal_regime, regimes)]
     plan += [(regime, f"unimodal {m}", seed, {**REGIMES[regime], "unimodal": m})
              for regime in premise_regimes for m in data.names for seed in range(args.seeds)]
-    results = {}
+    results, flags = {}, set(vars(train.parse_args([])))
     t_start, made = time.perf_counter(), 0
     for i, (regime, row, seed, overrides) in enumerate(plan, 1):
-        metrics, cached = study_run(args, {**overrides, "seed": seed}, data, device, cache)
+        metrics, cached = study_run(args, {**overrides, "seed": seed}, data, device, cache, flags)
         results.setdefault(regime, {}).setdefault(row, []).append(metrics)
         made += not cached
         left = (time.perf_counter() - t_start) / max(made, 1) * (len(plan) - i) if made else 0
