@@ -105,15 +105,10 @@ class NoAnchor(ValueError):
 def rolling_target(query_mean, key_means, sigma=0.0, cosines=None):
     """The anchor t the mean query is rolled onto: query_mean q̄ (hs,), key_means K̄ (M, hs) -> (hs,).
 
-    Paper (M = 2): alpha = (1 + tanh(-sigma * AIR)) / 2, t = alpha k̂_a + (1 - alpha) k̂_v, |t| = |q̄|.
-    For any M: t ∝ sum_m w_m lambda_m k̂_m with w = softmax(-2 sigma c) and lambda = G⁺1,
-    G = K̂ K̂ᵀ the Gram matrix of the unit mean keys: lambda makes sum_m lambda_m k̂_m the
-    equiangular vector, equally close to every k̂_m. c (M,): `cosines`, the per-sample cosines
-    averaged over samples, whose difference is the paper's AIR (RollingQ.step passes them);
-    without them, c_m = cos(q̄, K̄_m), the cosines of the means. For M = 2, lambda_a = lambda_v
-    and w_a = sigmoid(-2 sigma (c_a - c_v)) = alpha, so t is the paper's anchor for every sigma;
-    for sigma = 0 t is equally close to all M mean keys. sigma > 0 leans toward the
-    less-attended modalities.
+    c (M,): `cosines`, the per-sample cosines averaged over samples, whose difference is the
+    paper's AIR (RollingQ.step passes them); without them, c_m = cos(q̄, K̄_m), the cosines of
+    the means. M = 2 is the paper's formula as written; M > 2: equiangular_anchor, which for
+    M = 2 gives the same anchor (tested). sigma > 0 leans toward the less-attended modality.
     """
     if query_mean.dim() != 1 or key_means.dim() != 2 or key_means.shape[1] != query_mean.shape[0]:
         raise ValueError(f"rolling_target expects query_mean (hs,) and key_means (M, hs); "
@@ -126,16 +121,34 @@ def rolling_target(query_mean, key_means, sigma=0.0, cosines=None):
         raise ValueError("rolling_target got a zero vector: the query and mean keys must be non-zero")
     k_hat = F.normalize(K_bar, dim=1)                         # (M, hs) unit mean keys
     c = modality_cosines(q_bar, K_bar) if cosines is None else cosines.double()   # (M,)
-    # w = softmax(-2 sigma c); for M = 2, w_a = alpha = (1 + tanh(-sigma * AIR)) / 2
-    w = torch.softmax(-2.0 * sigma * c, dim=0)                # (M,)
+    if len(c) == 2:
+        # paper: alpha = (1 + tanh(-sigma * AIR)) / 2, t = alpha k̂_a + (1 - alpha) k̂_v
+        air = c[0] - c[1]
+        alpha = (1 + torch.tanh(-sigma * air)) / 2
+        t = alpha * k_hat[0] + (1 - alpha) * k_hat[1]         # (hs,)
+    else:
+        t = equiangular_anchor(k_hat, c, sigma)               # (hs,)
+    if t.norm() <= 1e-12:
+        raise NoAnchor("rolling_target: the mean keys cancel out (opposite directions), there is no anchor")
+    # |t| = |q̄|: the roll turns the query, it does not rescale it
+    return (t * (q_bar.norm() / t.norm())).to(query_mean.dtype)
+
+
+def equiangular_anchor(k_hat, cosines, sigma=0.0):
+    """The anchor's direction for any number of modalities: k_hat (M, hs) unit mean keys,
+    cosines c (M,) -> (hs,), t = sum_m w_m lambda_m k̂_m (not rescaled).
+
+    w = softmax(-2 sigma c) generalises alpha: for M = 2, w_a = sigmoid(-2 sigma (c_a - c_v))
+    = (1 + tanh(-sigma * AIR)) / 2. lambda = G⁺1, with G = K̂ K̂ᵀ the Gram matrix of the unit
+    mean keys, makes sum_m lambda_m k̂_m the equiangular vector, equally close to every k̂_m
+    (for M = 2, lambda_a = lambda_v: t is the paper's anchor up to its length).
+    """
+    # w = softmax(-2 sigma c); for M = 2, w_a = alpha
+    w = torch.softmax(-2.0 * sigma * cosines, dim=0)          # (M,)
     # lambda = G⁺1: k̂_m · (sum_j lambda_j k̂_j) = (G lambda)_m = 1 for every m
     gram = k_hat @ k_hat.T                                    # (M, M)
     lam = torch.linalg.pinv(gram) @ torch.ones_like(w)        # (M,)
-    # t = sum_m w_m lambda_m k̂_m, rescaled to |q̄|
-    t = ((w * lam)[:, None] * k_hat).sum(0)                   # (hs,)
-    if t.norm() <= 1e-12:
-        raise NoAnchor("rolling_target: the mean keys cancel out (opposite directions), there is no anchor")
-    return (t * (q_bar.norm() / t.norm())).to(query_mean.dtype)
+    return ((w * lam)[:, None] * k_hat).sum(0)                # (hs,)
 
 
 def rotation_matrix(src, dst):
@@ -200,7 +213,9 @@ class Config:
             raise ValueError(f"a multimodal model needs at least 2 modalities, got {len(self.modalities)}")
         if any(L < 1 or D < 1 for L, D in self.modalities.values()):
             raise ValueError(f"every modality needs at least 1 token and 1 feature: {self.modalities}")
-        for name in ("n_classes", "d_model", "n_layers", "n_heads", "fusion_heads"):
+        if self.n_classes < 2:
+            raise ValueError(f"n_classes must be at least 2 to classify, got {self.n_classes}")
+        for name in ("d_model", "n_layers", "n_heads", "fusion_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.fusion not in ("attention", "concat"):
@@ -297,25 +312,39 @@ class QueryRotation(nn.Module):
 
     What RollingQ needs of an attention layer, yours included:
       1. it holds one QueryRotation(n_heads, head_size);
-      2. it attends with the rotated CLS query, q_cls = rotation(q_cls), (B, nh, 1, hs);
+      2. it attends with the rotated CLS query, q_cls = rotation(q_cls), (B, nh, 1, hs): only
+         the CLS row. A layer that computes every token's query (B, nh, T, hs), as one fused
+         qkv projection does, rotates its CLS row alone:
+         q = torch.cat([rotation(q[:, :, :1]), q[:, :, 1:]], 2); anything but (B, nh, 1, hs)
+         is refused;
       3. RollingQ.observe gets that rotated query (B, nh, hs) and each modality's mean key
          (B, nh, M, hs), from the same forward pass.
     RollingQ.step(model) finds the layer by this type among model.modules(), so any model, or
-    a DDP / torch.compile wrapper of one, that holds exactly one QueryRotation will do.
+    a DDP / torch.compile wrapper of one, that holds exactly one QueryRotation will do. It
+    checks 3: the layer keeps (a reference to) the last query it rotated in each mode, and a
+    step whose observed query is neither, such as the unrotated q, is refused.
     R (nh, hs, hs) and the number of rolls are buffers: they are in state_dict(), never trained,
     and a reloaded model keeps its rotation. (The authors' code keeps the roll counter outside
-    the state dict.)
+    the state dict.) R stays float32 (or float64) when the model is cast to bf16 or fp16.
     """
 
     def __init__(self, n_heads, head_size):
         super().__init__()
         self.register_buffer("R", torch.eye(head_size).repeat(n_heads, 1, 1))   # (nh, hs, hs)
         self.register_buffer("rolls", torch.zeros((), dtype=torch.long))
+        self.last = {}                                        # training mode -> last R q, (B, nh, 1, hs), detached
 
     def forward(self, q):                                     # q: (B, nh, 1, hs) -> R q, (B, nh, 1, hs)
+        nh, hs = self.R.shape[0], self.R.shape[2]
+        if q.dim() != 4 or tuple(q.shape[1:]) != (nh, 1, hs):
+            raise ValueError(f"QueryRotation rotates the CLS query (B, {nh}, 1, {hs}), got {tuple(q.shape)}; for "
+                             f"every token's query (B, nh, T, hs) rotate the CLS row alone: "
+                             f"torch.cat([rotation(q[:, :, :1]), q[:, :, 1:]], 2)")
         # as a row vector (R q)ᵀ = qᵀ Rᵀ; in float32, even under autocast
         with torch.autocast(q.device.type, enabled=False):
-            return (q.float() @ self.R.float().transpose(-1, -2)).to(q.dtype)
+            out = (q.float() @ self.R.float().transpose(-1, -2)).to(q.dtype)
+        self.last[self.training] = out.detach()               # a reference, no copy: what step() checks
+        return out
 
     @torch.no_grad()
     def roll(self, rotations):
@@ -323,6 +352,15 @@ class QueryRotation(nn.Module):
         for h, R_new in rotations.items():
             self.R[h] = (R_new.double() @ self.R[h].double()).to(self.R.dtype)
         self.rolls += 1
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.half() / .bfloat16() would round R to 8 bits of mantissa: keep it float32 or
+        # better (its values as they were), and apply moves to another device as usual
+        R = self.R
+        super()._apply(fn, *args, **kwargs)
+        if self.R.dtype not in (torch.float32, torch.float64):
+            self.R = R.to(self.R.device)
+        return self
 
 
 class FusionAttention(Attention):
@@ -487,8 +525,10 @@ class RollingQ:
         if query.dim() != 3 or key_means.dim() != 4 or key_means.shape[:2] + key_means.shape[3:] != query.shape:
             raise ValueError(f"RollingQ.observe expects query (B, nh, hs) and key_means (B, nh, M, hs); "
                              f"got {tuple(query.shape)} and {tuple(key_means.shape)}")
-        k_bar = key_means.float()                             # (B, nh, M, hs) k̄_m(x) per sample
-        self.last = (query.float(), k_bar)                    # (B, nh, hs), (B, nh, M, hs)
+        if key_means.shape[2] < 2:
+            raise ValueError(f"RollingQ.observe needs the mean keys of at least 2 modalities, got {key_means.shape[2]}")
+        k_bar = key_means.detach().float()                    # (B, nh, M, hs) k̄_m(x) per sample
+        self.last = (query.detach().float(), k_bar)           # (B, nh, hs), (B, nh, M, hs), no graph kept
         self.n += k_bar.shape[0]
         self.key_sum = k_bar.sum(0) if self.key_sum is None else self.key_sum + k_bar.sum(0)   # (nh, M, hs)
 
@@ -506,6 +546,15 @@ class RollingQ:
         if q.shape[1:] != (nh, hs):
             raise ValueError(f"RollingQ observed queries of {q.shape[1]} head(s) of width {q.shape[2]}, but the "
                              f"QueryRotation it found has {nh} head(s) of width {hs}")
+        if not (torch.isfinite(q).all() and torch.isfinite(k_bar).all() and torch.isfinite(self.key_sum).all()):
+            raise ValueError("RollingQ.step: the observed query or mean keys hold NaN or inf")
+        applied = [a.float()[:, :, 0] for a in rotation.last.values()]   # (B, nh, hs) each
+        if not applied:
+            raise ValueError("RollingQ.step: the QueryRotation was never applied; the attention layer must attend "
+                             "with q_cls = rotation(q_cls)")
+        if not any(a.shape == q.shape and torch.equal(a, q) for a in applied):
+            raise ValueError("RollingQ.step: the query last given to observe() is not the one the QueryRotation last "
+                             "returned; observe the rotated query R q the layer attends with, not q")
         q_sum, cos_sum, n_last, key_sum, n = sum_over_ranks(
             q.sum(0), modality_cosines(q, k_bar).sum(0), q.shape[0], self.key_sum, self.n)
         q_bar = q_sum / n_last                                # (nh, hs) mean query of the last batch

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rollingq import (Config, MultimodalTransformer, NoAnchor, QueryRotation, RollingQ, air_from_cosines,
-                      attention_imbalance_rate, key_gap, modality_cosines, modality_leads, rolling_target,
-                      rotation_matrix)
+                      attention_imbalance_rate, equiangular_anchor, key_gap, modality_cosines, modality_leads,
+                      query_rotation, rolling_target, rotation_matrix)
 
 settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)   # the same examples every run: no flaky CI
 settings.load_profile("default")
@@ -126,12 +126,13 @@ def test_sigma_zero_roll_leaves_the_mean_query_equally_close_to_both_modalities(
 
 
 @given(d=st.integers(2, 256), seed=seeds, sigma=st.floats(0, 20))
-def test_a_roll_never_widens_the_favoured_modality_lead(d, seed, sigma):
+def test_after_a_roll_the_favoured_modality_no_longer_leads(d, seed, sigma):
     q, K = mean_stats(seed, d)
     before = float(air_from_cosines(modality_cosines(q, K)))
     q_rolled = rotation_matrix(q, rolling_target(q, K, sigma)) @ q
     after = float(air_from_cosines(modality_cosines(q_rolled, K)))
-    assert after * before <= 1e-12 or abs(after) <= abs(before) + 1e-12
+    # the anchor weights the favoured modality by alpha <= 1/2: balanced (sigma 0) or the other side
+    assert after * before <= 1e-12
 
 
 @given(d=st.integers(2, 256), seed=seeds, sigma=st.floats(0, 20))
@@ -155,6 +156,14 @@ def test_given_per_sample_cosines_the_anchor_weight_is_alpha_of_the_papers_air(d
     t = alpha * K_bar[0] / K_bar[0].norm() + (1 - alpha) * K_bar[1] / K_bar[1].norm()
     got = rolling_target(q.mean(0), K_bar, sigma, cosines=modality_cosines(q, K).mean(0))
     assert torch.allclose(got, t / t.norm() * q.mean(0).norm(), atol=1e-9)
+
+
+@given(d=st.integers(2, 128), seed=seeds, sigma=st.floats(0, 20))
+def test_the_papers_two_modality_anchor_is_the_general_anchor_for_m_2(d, seed, sigma):
+    q, K = mean_stats(seed, d)
+    k_hat, c = F.normalize(K, dim=1), modality_cosines(q, K)
+    general = equiangular_anchor(k_hat, c, sigma)
+    assert torch.allclose(rolling_target(q, K, sigma), general / general.norm() * q.norm(), atol=1e-9)
 
 
 @given(M=st.integers(2, 6), d=st.integers(8, 128), seed=seeds)
@@ -353,16 +362,48 @@ def test_roll_condition_respects_beta_and_max_rolls():
     assert int(model.fusion.rotation.rolls) == 2
 
 
+def rotated(model, q):
+    """q (B, nh, hs) through the model's QueryRotation, as its attention layer applies it: R q."""
+    return query_rotation(model)(q[:, :, None])[:, :, 0]
+
+
 def test_the_roll_condition_reads_the_last_batch_not_the_epoch():
     e = torch.eye(16)
     q = e[0].expand(4, 1, 16)                                   # (B, nh, hs)
     leaning = torch.stack([e[0], e[1]])[None, None].expand(4, 1, 2, 16)   # AIR = cos(q, e0) - cos(q, e1) = 1
     level = torch.stack([e[0] + e[1], e[0] + e[1]])[None, None].expand(4, 1, 2, 16)   # AIR = 0
     for batches, rolls in (((leaning, level), False), ((level, leaning), True)):
-        controller = RollingQ(beta=0.5)
+        model, controller = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)}), RollingQ(beta=0.5)
         for keys in batches:
-            controller.observe(q, keys)
-        assert controller.step(tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)}))["rolled"] is rolls
+            controller.observe(rotated(model, q), keys)
+        assert controller.step(model)["rolled"] is rolls
+
+
+def test_no_roll_when_the_absolute_air_equals_beta():
+    e = torch.eye(16)
+    keys = torch.stack([e[0], e[1]])[None, None].expand(4, 1, 2, 16)
+    for q, beta in ((e[0] + e[1], 0.0), (e[0], 1.0)):           # AIR exactly 0, and exactly 1
+        model = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
+        controller = RollingQ(beta=beta)
+        controller.observe(rotated(model, q.expand(4, 1, 16)), keys)
+        record = controller.step(model)
+        assert record["air"] == [beta] and record["rolled"] is False   # the paper: roll only if |AIR| > beta
+
+
+def test_the_anchor_uses_the_epochs_mean_keys_and_the_last_batchs_query():
+    model = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randn(1, 1, 2, 16, generator=g).expand(4, 1, 2, 16) for _ in range(3)]   # one per step
+    controller = RollingQ()
+    for k in keys:
+        q = rotated(model, torch.randn(4, 1, 16, generator=g))
+        controller.observe(q, k)
+    controller.step(model)
+    K_epoch = torch.stack(keys).mean(0)[0, 0]                   # (M, hs): the epoch's mean keys
+    c = modality_cosines(model.fusion.rotation.R[0] @ q.mean(0)[0], K_epoch)
+    assert torch.allclose(c[0], c[1], atol=1e-5)                # the last batch's query, balanced on them
+    c_last = modality_cosines(model.fusion.rotation.R[0] @ q.mean(0)[0], keys[-1][0, 0])
+    assert not torch.allclose(c_last[0], c_last[1], atol=1e-3)  # not on the last batch's keys
 
 
 def test_a_head_without_anchor_waits_instead_of_failing():
@@ -371,7 +412,7 @@ def test_a_head_without_anchor_waits_instead_of_failing():
     k = torch.randn(16)
     keys = torch.stack([k, -k])[None, None].expand(4, 1, 2, 16)  # (B, nh, M, hs): opposite mean keys
     controller = RollingQ(max_rolls=None)
-    controller.observe(q, keys)
+    controller.observe(rotated(model, q), keys)
     record = controller.step(model)
     assert record["rolled"] is False and record["skipped"] == [0] and int(model.fusion.rotation.rolls) == 0
 
@@ -493,14 +534,101 @@ def test_under_bf16_autocast_the_rotation_stays_float32_and_a_roll_still_balance
         F.cross_entropy(out.logits, torch.zeros(32, dtype=torch.long)).backward()
         assert out.logits.dtype == torch.bfloat16 and out.query.dtype == torch.bfloat16
         assert model.cls.grad.dtype == torch.float32 and torch.isfinite(model.cls.grad).all()
-        q = torch.randn(32, 2, 1, 8).bfloat16()
-        R = model.fusion.rotation.R
-        assert torch.equal(model.fusion.rotation(q), (q.float() @ R.transpose(-1, -2)).bfloat16())   # product in float32
         assert controller.step(model)["rolled"]
         after = model(xs, stats=True)
     assert model.fusion.rotation.R.dtype == torch.float32
     c = modality_cosines(after.query.float().mean(0), after.key_means.float().mean(0))   # (nh, M)
     assert torch.allclose(c[:, 0], c[:, 1], atol=0.05)         # balanced to bf16 precision
+
+
+def test_the_rotation_multiplies_in_float32_under_bf16_autocast():
+    rotation = QueryRotation(2, 8)
+    g = torch.Generator().manual_seed(0)
+    rotation.roll({h: rotation_matrix(*torch.randn(2, 8, generator=g)) for h in range(2)})   # R is not I
+    q = torch.randn(32, 2, 1, 8, generator=g)
+    exact = q.double() @ rotation.R.double().transpose(-1, -2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got32, got16 = rotation(q), rotation(q.bfloat16())
+    assert got32.dtype == torch.float32 and (got32.double() - exact).abs().max() < 1e-5   # not bf16's 1e-2
+    assert torch.equal(got16, (q.bfloat16().float() @ rotation.R.transpose(-1, -2)).bfloat16())
+
+
+def test_casting_the_model_to_bf16_or_fp16_keeps_r_float32_and_25_rolls_orthogonal():
+    for cast in (nn.Module.bfloat16, nn.Module.half):
+        model = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
+        random_roll(model, 0)
+        R_before = model.fusion.rotation.R.clone()
+        cast(model)
+        assert model.fusion.rotation.R.dtype == torch.float32 and torch.equal(model.fusion.rotation.R, R_before)
+        assert model.cls.dtype != torch.float32                 # the rest of the model was cast
+        for seed in range(1, 25):
+            random_roll(model, seed)
+        R = model.fusion.rotation.R[0].double()
+        assert (R @ R.T - torch.eye(16, dtype=torch.float64)).abs().max() < 1e-5
+    model.double()
+    assert model.fusion.rotation.R.dtype == torch.float64       # better than float32 is kept
+
+
+def test_rolls_compose_as_r_new_times_r():
+    rotation = QueryRotation(1, 6)
+    e = torch.eye(6)
+    R1, R2 = rotation_matrix(e[0], e[1]), rotation_matrix(e[1] + e[2], e[3])   # two different planes
+    assert not torch.allclose(R2 @ R1, R1 @ R2)
+    rotation.roll({0: R1})
+    rotation.roll({0: R2})
+    assert torch.allclose(rotation.R[0], R2 @ R1, atol=1e-6) and int(rotation.rolls) == 2
+
+
+def test_the_rotation_takes_the_cls_query_only_and_names_the_shape_it_needs():
+    rotation = QueryRotation(2, 8)
+    for shape in ((4, 2, 5, 8), (4, 8), (2, 2, 8), (4, 3, 1, 8), (4, 2, 1, 6)):   # every row, (B, hs), B == nh, ...
+        with pytest.raises(ValueError, match=r"rotates the CLS query \(B, 2, 1, 8\), got"):
+            rotation(torch.randn(shape))
+    assert rotation(torch.randn(4, 2, 1, 8)).shape == (4, 2, 1, 8)
+
+
+def test_observe_keeps_no_autograd_history():
+    model = tiny_model()
+    out = model(batch(0), stats=False)
+    q = out.logits[:, None, :1].expand(-1, 1, 16) * torch.ones(16)   # (B, nh, hs), float32 with a graph
+    controller = RollingQ()
+    controller.observe(q, torch.stack([q, q * 2], 2))
+    assert q.grad_fn is not None
+    assert all(t.grad_fn is None and not t.requires_grad for t in (*controller.last, controller.key_sum))
+
+
+def test_step_refuses_the_unrotated_query_a_rotation_never_applied_and_nan():
+    model = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
+    xs = batch(0, modalities={"audio": (2, 3), "visual": (2, 3)})
+    controller = RollingQ(max_rolls=None)
+    observe(controller, model, xs)
+    controller.step(model)                                      # R is no longer the identity
+    q, k, v = model.fusion.split(fusion_input(model, xs))
+    out = model(xs, stats=True)
+    controller.observe(q[:, :, 0].detach(), out.key_means)      # q, not R q
+    with pytest.raises(ValueError, match="not the one the QueryRotation last returned; observe the rotated query"):
+        controller.step(model)
+    fresh = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
+    controller.observe(out.query, out.key_means)
+    with pytest.raises(ValueError, match="QueryRotation was never applied"):
+        controller.step(fresh)
+    controller.observe(out.query * float("nan"), out.key_means)
+    model.fusion.rotation.last = {True: (out.query * float("nan"))[:, :, None]}
+    with pytest.raises(ValueError, match="hold NaN or inf"):
+        controller.step(model)
+    with pytest.raises(ValueError, match="at least 2 modalities, got 1"):
+        controller.observe(out.query, out.key_means[:, :, :1])
+
+
+def test_an_evaluation_between_the_last_observe_and_step_is_allowed():
+    model = tiny_model()
+    controller = RollingQ()
+    observe(controller, model, batch(0))                        # training mode
+    model.eval()
+    with torch.no_grad():
+        model(batch(1), stats=True)                             # an evaluation pass, another batch
+    model.train()
+    assert controller.step(model)["rolled"]
 
 
 class UserFusion(nn.Module):
@@ -575,6 +703,45 @@ def test_step_reaches_the_rotation_through_ddp_and_compile_wrappers(tmp_path):
         assert int(model.fusion.rotation.rolls) == 2
     finally:
         dist.destroy_process_group()
+
+
+def test_a_compiled_forward_uses_the_new_rotation_after_a_roll():
+    model = tiny_model().eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    xs = batch(0)
+    controller = RollingQ(max_rolls=None)
+    out = compiled(xs, stats=True)
+    controller.observe(out.query, out.key_means)
+    assert controller.step(compiled)["rolled"]
+    after = compiled(xs, stats=True)
+    assert torch.allclose(after.logits, model(xs).logits, atol=1e-6)
+    assert not torch.allclose(after.query, out.query, atol=1e-3)   # the rolled query, not a stale one
+
+
+def _observe_on_rank(rank, store, world, q, k, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        rotation, controller = QueryRotation(1, 16), RollingQ()
+        share = slice(rank * len(q) // world, (rank + 1) * len(q) // world)   # this rank's half of the batch
+        controller.observe(rotation(q[share][:, :, None])[:, :, 0], k[share])
+        record = controller.step(rotation)
+        torch.save({"R": rotation.R, "air": record["air"]}, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_roll_as_one_process_on_the_same_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(8, 1, 16, generator=g), torch.randn(8, 1, 2, 16, generator=g)
+    mp.spawn(_observe_on_rank, args=(str(tmp_path / "store"), 2, q, k, str(tmp_path / "r")), nprocs=2)
+    rotation, controller = QueryRotation(1, 16), RollingQ()
+    controller.observe(rotation(q[:, :, None])[:, :, 0], k)
+    record = controller.step(rotation)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"r.{rank}", weights_only=True)
+        assert torch.allclose(got["R"], rotation.R, atol=1e-6) and got["air"] == pytest.approx(record["air"], abs=1e-6)
 
 
 def test_ten_thousand_composed_rolls_stay_orthogonal():
