@@ -388,7 +388,7 @@ def build_parser(description=None, out="write DIR/metrics.json", prog=None):
                    help="roll at most N times, each after an epoch but the last (the authors' 1: after the first); "
                         "none: after every epoch but the last")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout on the fusion attention weights and output "
-                   "(the authors')")
+                   "(default: %(default)s, the authors' value)")
     g = p.add_argument_group("model and training")
     g.add_argument("--data", metavar="PATH.npz", help="your features (see README); default: built-in synthetic data")
     g.add_argument("--epochs", type=int, default=25, help="passes over the training set")
@@ -399,19 +399,22 @@ def build_parser(description=None, out="write DIR/metrics.json", prog=None):
                    help="cosine (the authors'): linear warm-up over 2.5 epochs, then cosine decay to zero, per step")
     g.add_argument("--pretrain-epochs", type=int, default=0, metavar="N", help="warm start: first train each encoder "
                    "alone on its own modality for N epochs")
-    g.add_argument("--unimodal", metavar="NAME", help="train one modality's encoder with a linear head, on it alone")
+    g.add_argument("--unimodal", metavar="NAME", help="the unimodal baseline: train the encoder of modality NAME (one "
+                   "of the data's modality names; built-in: audio, visual) with a linear head, on that modality alone")
     g.add_argument("--width", type=int, default=64, help="model width d_model")
     g.add_argument("--layers", type=int, default=2, help="Transformer blocks per modality encoder")
     g.add_argument("--encoder-heads", type=int, default=4, help="attention heads in the encoder blocks")
     g.add_argument("--heads", type=int, default=1, help="fusion attention heads (the paper uses 1)")
-    g.add_argument("--preset", choices=sorted(PRESETS), default="small", help="paper: width 768, 4 encoder layers "
-                   "of 12 heads, 256 + 196 tokens of built-in data: a GPU setting (explicit flags still win)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="small", help="small: the sizes shown above for "
+                   "--width, --layers, --encoder-heads and --heads; paper: width 768, 4 encoder layers of 12 heads, "
+                   "256 + 196 tokens of built-in data: a GPU setting (explicit flags still win)")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch order")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     g = p.add_argument_group("files")
     g.add_argument("--out", metavar="DIR", help=out)
     g.add_argument("--save", metavar="PATH", help="save the trained model (config + state_dict)")
-    g.add_argument("--load", metavar="PATH", help="start from a saved model (its architecture replaces --width, ...)")
+    g.add_argument("--load", metavar="PATH", help="start from a saved model; it brings its own architecture (no "
+                   "--width, --heads, ...)")
     g.add_argument("--eval-only", action="store_true", help="with --load: evaluate only, no training")
     return p
 

@@ -134,7 +134,9 @@ def test_help_shows_each_default_zero_included():
     assert r.returncode == 0 and "--fusion-head {authors,prenorm}" in text
     for flag, default in (("--beta", "0.0"), ("--seed", "0"), ("--pretrain-epochs", "0"), ("--max-rolls", "1"),
                           ("--dropout", "0.2"), ("--epochs", "25"), ("--fusion-head", "authors")):
-        assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(default)}\)", text), flag
+        assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(default)}[,)]", text), flag
+    assert "--dropout DROPOUT dropout on the fusion attention weights and output (default: 0.2, the authors' value)" in text
+    assert "--unimodal NAME the unimodal baseline" in text and "--preset {paper,small} small: the sizes" in text
 
 
 def test_cleanup_ends_the_process_group_after_a_run_and_after_a_refusal(tmp_path, tiny_npz):
