@@ -174,6 +174,9 @@ def load_npz(path):
         ys[split] = y.astype(np.int64)
     n_classes = int(ys["train"].max()) + 1
     present = np.unique(ys["train"])                                  # sorted
+    if len(present) < 2:
+        raise DataError(f"{path}: train_y holds one class only (label {present[0]}); expected at least 2 classes, "
+                        f"labelled 0..C-1")
     if present[0] >= 0 and len(present) < n_classes:                  # some class in 0..C-1 has no sample
         raise DataError(f"{path}: train_y has no sample of {n_classes - len(present)} of the classes 0..{n_classes - 1}"
                         f" (C = 1 + the largest label); number the classes 0..C-1 with every class present")
@@ -198,7 +201,8 @@ def load_npz(path):
                 raise DataError(f"{path}: {key} has {len(x)} samples but {split}_y has {len(ys[split])}")
             if 0 in x.shape[1:]:
                 raise DataError(f"{path}: {key} has no tokens or no features: shape {x.shape}")
-            x = x.astype(np.float32)
+            with np.errstate(over="ignore"):                          # too large for float32: inf, refused below
+                x = x.astype(np.float32)
             if not np.isfinite(x).all():
                 raise DataError(f"{path}: {key} contains NaN or inf (or values too large for float32)")
             shapes[split] = x.shape[1:]

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -184,14 +185,15 @@ def run(args, data, device, log=print, on_step=None):
     if args.unimodal:                                                 # the multimodal model's encoder, alone
         cfg = build_config(args, data)
         data = data.select(args.unimodal)
-        model = Unimodal(Encoder(*cfg.modalities[args.unimodal], cfg), cfg.d_model, cfg.n_classes)
+        model, trained_on = Unimodal(Encoder(*cfg.modalities[args.unimodal], cfg), cfg.d_model, cfg.n_classes), None
     else:
-        model = load_checkpoint(args.load, data) if args.load else MultimodalTransformer(build_config(args, data))
+        model, trained_on = load_checkpoint(args.load, data, args.data) if args.load else \
+            (MultimodalTransformer(build_config(args, data)), None)
     if args.rollingq and not hasattr(model, "fusion"):
         raise UsageError(f"--rollingq: the model in {args.load} uses concat fusion, not attention")
     model.to(device)
     if rank == 0:
-        log(describe(args, data, model, device, world))
+        log(describe(args, data, model, device, world, trained_on))
     metrics = {"config": run_config(args, model), "epochs": [], "final": None}
     # in-memory data: moved to the device once, batches are index slices there
     test_xs, test_y = [x.to(device) for x in data.test_x], data.test_y.to(device)
@@ -262,23 +264,30 @@ def pretrain(model, xs, y, args, device, log):
     return accuracy
 
 
-def describe(args, data, model, device, world):
-    """The opening line: what this run is about to do."""
+def describe(args, data, model, device, world, trained_on=None):
+    """The opening line: what this run is about to do (`trained_on`: load_checkpoint's word on the model's data)."""
     shapes = ", ".join(f"{m} {L}x{D}" for m, (L, D) in data.modalities.items())
     parts = [f"data {args.data or 'built-in synthetic'}: {shapes} (tokens x features), "
              f"{len(data.train_y)} train / {len(data.test_y)} test, {data.n_classes} classes"]
     attention, rolls = hasattr(model, "fusion"), "none" if args.max_rolls is None else args.max_rolls
+    rolled = int(model.fusion.rotation.rolls) if attention else 0     # > 0: a loaded model's rolls
     if args.load:
-        parts.append(f"loaded {args.load}" + (f" (rolls done: {int(model.fusion.rotation.rolls)})" if attention else ""))
+        notes = [trained_on] + ([f"rolls done: {rolled}"] if args.rollingq else [])
+        parts.append(f"loaded {args.load}" + "".join(f" ({n})" for n in notes if n))
     if args.unimodal:
         parts.append(f"unimodal {args.unimodal}, {args.fusion_head} encoder")
     elif not attention:
         parts.append(f"concat fusion, {model.cfg.fusion_head} encoders")
     else:
+        if args.rollingq:
+            method = (f"RollingQ (beta {args.beta:g}, sigma {args.sigma:g}, max-rolls {rolls}"
+                      + ("; no roll: a roll needs an epoch after it" if args.epochs < 2 else "") + ")")
+        elif rolled:                                                  # a loaded model keeps its rotation
+            method = f"loaded with its rotation (rolled {rolled} time{'s' * (rolled != 1)}), no further rolls"
+        else:
+            method = "vanilla"
         parts.append(f"attention fusion, {model.cfg.fusion_head} head, fusion dropout {model.cfg.fusion_dropout:g}, "
-                     + (f"RollingQ (beta {args.beta:g}, sigma {args.sigma:g}, max-rolls {rolls}"
-                        + ("; no roll: a roll needs an epoch after it" if args.epochs < 2 else "") + ")"
-                        if args.rollingq else "vanilla"))
+                     + method)
         parts.append(f"AIR > 0: {data.names[0]} favoured, < 0: {data.names[1]}" if len(data.names) == 2
                      else "AIR: the favoured modality's lead (named)")
     if not args.eval_only:
@@ -308,33 +317,51 @@ def run_config(args, model):
     if args.eval_only:
         return {"load": args.load, "eval_only": True, "data": args.data, "device": args.device,
                 "rolls_done": rolls_done, "model": arch}
-    skip = ("out", "save") + (("width", "layers", "encoder_heads", "heads", "fusion", "fusion_head", "dropout", "preset")
-                              if args.load else ())                   # a checkpoint brings its own architecture
+    skip = ("out", "save") + (ARCHITECTURE if args.load else ())      # a checkpoint brings its own architecture
     config = {k: v for k, v in vars(args).items() if k not in skip}
     return {**config, "model": arch, **({"loaded": {"path": args.load, "rolls_done": rolls_done}} if args.load else {})}
 
 
-def save_checkpoint(path, model):
+def save_checkpoint(path, model, data_path):
+    """The config, the state dict (with the rotation) and where the data came from (None: built-in)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": asdict(model.cfg), "model": model.state_dict()}, path)
+    torch.save({"config": asdict(model.cfg), "model": model.state_dict(), "data": data_path}, path)
 
 
-def load_checkpoint(path, data):
-    """A model saved by save_checkpoint; one saved before fusion_head existed is prenorm (R on the layer)."""
+def load_checkpoint(path, data, data_path):
+    """A model saved by save_checkpoint, for `data` (read from data_path, None: built-in), and a note on the data it
+    was trained on for the opening line. One saved before fusion_head existed is prenorm (R on the layer)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():                               # e.g. on a pickle's protocol: refused below
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"--load {path}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"--load {path}: {e.strerror}") from None
+    except Exception:                                                 # KeyError, RuntimeError, UnpicklingError, ...:
+        checkpoint = None                                             # not a file torch.save wrote
+    if not (isinstance(checkpoint, dict) and {"config", "model"} <= checkpoint.keys()):
+        raise UsageError(f"--load {path}: not a checkpoint written by train.py --save "
+                         f"(expected a torch.save file holding 'config' and 'model')")
+    trained_on = checkpoint.get("data")                               # a path, or None: the built-in set
+    if "data" in checkpoint and (trained_on is None) != (data_path is None):   # a file against the built-in set
+        built_in = "the built-in synthetic data"
+        raise UsageError(f"--load {path}: the model was trained on {trained_on or built_in}; this run uses "
+                         f"{data_path or built_in}: " + (f"pass --data {trained_on}" if trained_on else "drop --data"))
+    try:
         model = MultimodalTransformer(cfg := Config(**{"fusion_head": "prenorm", **checkpoint["config"]}))
         model.load_state_dict({re.sub(r"^fusion\.(R|rolls)$", r"fusion.rotation.\1", k): v
                                for k, v in checkpoint["model"].items()})
-    except FileNotFoundError:
-        raise UsageError(f"--load {path}: no such file") from None
-    except Exception as e:
-        why = (str(e).strip().splitlines() or [""])[0][:150]
-        raise UsageError(f"--load {path}: not a checkpoint written by --save ({type(e).__name__}: {why})") from None
+    except (TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise UsageError(f"--load {path}: its config and state dict do not fit this rollingq.py "
+                         f"({' '.join(str(e).split())[:150]})") from None
     if list(cfg.modalities.items()) != list(data.modalities.items()) or cfg.n_classes != data.n_classes:
         raise UsageError(f"--load {path}: the model expects modalities {cfg.modalities} and "
                          f"{cfg.n_classes} classes, the data has {data.modalities} and {data.n_classes}")
-    return model
+    if "data" not in checkpoint:                                      # saved before save_checkpoint recorded it
+        return model, "data source not recorded"
+    return model, None if trained_on == data_path else f"trained on {trained_on}"
 
 
 def write_json(path, obj, quiet=False):
@@ -346,6 +373,9 @@ def write_json(path, obj, quiet=False):
 
 # ----------------------------------------------------------------------------------------
 # The command line
+
+# the flags that set the architecture: a checkpoint (--load) brings its own
+ARCHITECTURE = ("width", "layers", "encoder_heads", "heads", "fusion", "fusion_head", "dropout", "preset")
 
 # --preset paper: the paper's model size (and for the built-in data, data.PAPER_SIZE: its token counts)
 PRESETS = {"small": {}, "paper": {"width": 768, "layers": 4, "encoder_heads": 12, "heads": 1}}
@@ -388,7 +418,7 @@ def build_parser(description=None, out="write DIR/metrics.json", prog=None):
                    help="roll at most N times, each after an epoch but the last (the authors' 1: after the first); "
                         "none: after every epoch but the last")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout on the fusion attention weights and output "
-                   "(the authors')")
+                   "(default: %(default)s, the authors' value)")
     g = p.add_argument_group("model and training")
     g.add_argument("--data", metavar="PATH.npz", help="your features (see README); default: built-in synthetic data")
     g.add_argument("--epochs", type=int, default=25, help="passes over the training set")
@@ -399,19 +429,22 @@ def build_parser(description=None, out="write DIR/metrics.json", prog=None):
                    help="cosine (the authors'): linear warm-up over 2.5 epochs, then cosine decay to zero, per step")
     g.add_argument("--pretrain-epochs", type=int, default=0, metavar="N", help="warm start: first train each encoder "
                    "alone on its own modality for N epochs")
-    g.add_argument("--unimodal", metavar="NAME", help="train one modality's encoder with a linear head, on it alone")
+    g.add_argument("--unimodal", metavar="NAME", help="the unimodal baseline: train the encoder of modality NAME (one "
+                   "of the data's modality names; built-in: audio, visual) with a linear head, on that modality alone")
     g.add_argument("--width", type=int, default=64, help="model width d_model")
     g.add_argument("--layers", type=int, default=2, help="Transformer blocks per modality encoder")
     g.add_argument("--encoder-heads", type=int, default=4, help="attention heads in the encoder blocks")
     g.add_argument("--heads", type=int, default=1, help="fusion attention heads (the paper uses 1)")
-    g.add_argument("--preset", choices=sorted(PRESETS), default="small", help="paper: width 768, 4 encoder layers "
-                   "of 12 heads, 256 + 196 tokens of built-in data: a GPU setting (explicit flags still win)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="small", help="small: the sizes shown above for "
+                   "--width, --layers, --encoder-heads and --heads; paper: width 768, 4 encoder layers of 12 heads, "
+                   "256 + 196 tokens of built-in data: a GPU setting (explicit flags still win)")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch order")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     g = p.add_argument_group("files")
     g.add_argument("--out", metavar="DIR", help=out)
     g.add_argument("--save", metavar="PATH", help="save the trained model (config + state_dict)")
-    g.add_argument("--load", metavar="PATH", help="start from a saved model (its architecture replaces --width, ...)")
+    g.add_argument("--load", metavar="PATH", help="start from a saved model; it brings its own architecture (no "
+                   "--width, --heads, ...)")
     g.add_argument("--eval-only", action="store_true", help="with --load: evaluate only, no training")
     return p
 
@@ -420,11 +453,11 @@ def parse_args(argv=None, parser=None):
     p = parser or build_parser()
     p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset])
     args = p.parse_args(argv)
-    check_args(args)
+    check_args(args, p)
     return args
 
 
-def check_args(a):
+def check_args(a, parser):
     """The refusals that belong to the command line; Config and RollingQ check their own values."""
     for name in ("epochs", "batch_size", "lr"):
         if not 0 < getattr(a, name) < math.inf:                      # also refuses nan
@@ -437,6 +470,9 @@ def check_args(a):
         raise UsageError("--eval-only needs --load PATH (a model saved with --save)")
     if a.load and (a.unimodal or a.pretrain_epochs):
         raise UsageError("--load continues a saved model; it takes no --unimodal or --pretrain-epochs")
+    given = [f"--{name.replace('_', '-')}" for name in ARCHITECTURE if getattr(a, name) != parser.get_default(name)]
+    if a.load and given:                                              # a flag given at its default value passes
+        raise UsageError(f"--load brings its own architecture; drop {', '.join(given)}")
     if a.unimodal and (a.rollingq or a.save or a.pretrain_epochs):
         raise UsageError("--unimodal trains one encoder alone; it takes no --rollingq, --save or --pretrain-epochs")
     if a.rollingq and a.fusion == "concat":
@@ -488,7 +524,7 @@ def main(argv=None):
             if args.out:
                 write_json(Path(args.out) / "metrics.json", metrics)
             if args.save:
-                save_checkpoint(args.save, model)
+                save_checkpoint(args.save, model, args.data or None)
                 print(f"saved the model to {args.save} (reload: --load {args.save})")
     finally:
         if dist.is_initialized():

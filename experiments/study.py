@@ -188,8 +188,15 @@ def study_table(rows, names, favoured):
 
 def study_markdown(args, report):
     source = args.data or "built-in synthetic data"
-    out = [f"## Study: {source}, {args.fusion_head} head, {args.seeds} seeds, {args.epochs} epochs "
+    out = [f"## Study: {source}, {args.fusion_head} head, {plural(args.seeds, 'seed')}, {plural(args.epochs, 'epoch')} "
            f"(mean ± std over seeds)"]
+    rolls = args.epochs - 1                                           # a roll needs an epoch after it
+    same = [row for row, o in ROWS.items() if o["rollingq"] and (o["max_rolls"] is None or o["max_rolls"] >= rolls)]
+    if len(same) > 1:
+        names = ", ".join(f'"{row}"' for row in same[:-1]) + f' and "{same[-1]}"'
+        possible = {0: "no roll is", 1: "at most 1 roll is"}.get(rolls, f"at most {rolls} rolls are")
+        out += ["", f"With {plural(args.epochs, 'epoch')} {possible} possible (a roll needs an epoch after it): "
+                f"the rows {names} are identical runs."]
     for regime, table in report["tables"].items():
         p = report["premise"][regime]
         out += ["", f"### Regime: {regime} {json.dumps(REGIMES[regime])}", "",
@@ -202,6 +209,10 @@ def study_markdown(args, report):
                 f"modality gets right {per_modality(p['d_only_this_modality_right'])}: {yes(p['d_holds'])}.",
                 "", f"Favoured by vanilla attention (AIR): {table['favoured']}.", "", table["markdown"]]
     return "\n".join(out)
+
+
+def plural(n, noun):
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def per_modality(values):
@@ -246,7 +257,7 @@ def parse_args(argv=None):
                                "code or the data)", prog="python -m experiments.study")
     g = p.add_argument_group("study")
     g.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every row")
-    g.add_argument("--regimes", type=regimes_arg, default=["default", "authors"], metavar="A,B",
+    g.add_argument("--regimes", type=regimes_arg, default="default,authors", metavar="A,B",
                    help=f"comma-separated, from: {', '.join(REGIMES)}")
     args = parse(p, argv, fixed=("rollingq", "fusion", "max_rolls", "seed", "unimodal", "load", "eval_only", "save",
                                  "pretrain_epochs"))

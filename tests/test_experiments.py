@@ -36,6 +36,19 @@ def test_study_resumes_from_its_run_files_and_reports_premise_and_tables(tiny_np
     assert seeds == [0, 1] and all(c["optimizer"] == "sgd" and c["max_rolls"] is None for c in configs)
 
 
+def test_the_study_header_counts_in_words_and_says_once_which_rows_cannot_differ():
+    def markdown(epochs, seeds):
+        return study.study_markdown(study.parse_args(["--epochs", str(epochs), "--seeds", str(seeds)]), {"tables": {}})
+    assert markdown(2, 1).startswith("## Study: built-in synthetic data, authors head, 1 seed, 2 epochs")
+    assert markdown(2, 1).count("identical runs") == 1 and "With 2 epochs at most 1 roll is possible (a roll needs an " \
+        'epoch after it): the rows "RollingQ, 1 roll", "RollingQ, 3 rolls" and "RollingQ, every epoch"' in markdown(2, 1)
+    assert 'at most 2 rolls are possible (a roll needs an epoch after it): the rows "RollingQ, 3 rolls" and ' \
+        '"RollingQ, every epoch" are identical runs.' in markdown(3, 2)
+    assert "identical" not in markdown(5, 2) and "3 seeds, 5 epochs" in markdown(5, 3)
+    r = cli("--help", module="experiments.study")
+    assert r.returncode == 0 and "(default: default,authors)" in " ".join(r.stdout.split())
+
+
 def test_a_warm_start_regime_takes_its_premise_from_the_same_regime_without_it():
     assert study.unimodal_regime("authors + warm start") == "authors"
     assert study.unimodal_regime("default") == "default"

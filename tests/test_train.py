@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -49,6 +50,9 @@ def test_train_writes_metrics_and_a_checkpoint_that_reloads_to_the_same_accuracy
     config = reloaded["config"]                                 # what was loaded, not CLI defaults
     assert config["load"] == str(out / "model.pt") and config["rolls_done"] == 1 and "rollingq" not in config
     assert config["model"] == m["config"]["model"]
+    opening = r.stdout.splitlines()[0]                          # the model as it is: rolled, not vanilla
+    assert f"| loaded {out / 'model.pt'} | attention fusion, authors head, fusion dropout 0.2, loaded with its " \
+        "rotation (rolled 1 time), no further rolls |" in opening and "vanilla" not in opening
 
 
 def test_a_checkpoint_from_before_the_head_choice_loads_as_prenorm(tmp_path, tiny_npz):
@@ -58,8 +62,9 @@ def test_a_checkpoint_from_before_the_head_choice_loads_as_prenorm(tmp_path, tin
     config = {k: v for k, v in vars(model.cfg).items() if k != "fusion_head"}
     state = {k.replace("fusion.rotation.", "fusion."): v for k, v in model.state_dict().items()}   # the old names
     torch.save({"config": config, "model": state}, tmp_path / "old.pt")
-    loaded = train.load_checkpoint(tmp_path / "old.pt", d)
+    loaded, trained_on = train.load_checkpoint(tmp_path / "old.pt", d, tiny_npz)
     assert loaded.cfg.fusion_head == "prenorm" and int(loaded.fusion.rotation.rolls) == 1
+    assert trained_on == "data source not recorded"             # said in the opening line, not refused
     xs = [x[:8] for x in d.test_x]
     assert torch.equal(loaded.eval()(xs).logits, model.eval()(xs).logits)
 
@@ -94,7 +99,13 @@ def test_a_bf16_training_step_keeps_the_rotation_in_float32():
 def test_cli_bad_input_gets_one_line_exit_status_2_and_leaves_no_out_folder(tmp_path, tiny_npz, capsys):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     d = datasets.load_npz(tiny_npz)
-    train.save_checkpoint(tmp_path / "tiny.pt", MultimodalTransformer(Config(d.modalities, d.n_classes, d_model=16)))
+    model = MultimodalTransformer(Config(d.modalities, d.n_classes, d_model=16))
+    train.save_checkpoint(tmp_path / "tiny.pt", model, tiny_npz)
+    train.save_checkpoint(tmp_path / "built-in.pt", model, None)
+    torch.save({"config": {**vars(model.cfg), "d_model": 32}, "model": model.state_dict(), "data": tiny_npz},
+               tmp_path / "misfit.pt")
+    not_a_checkpoint = "not a checkpoint written by train.py --save (expected a torch.save file holding 'config' and " \
+                       "'model')"
     cases = [
         (["--data", str(tmp_path / "missing.npz")], "no such file"),
         (["--data", str(small_npz(tmp_path / "bad.npz", train_visual=np.full((40, 6), np.nan)))], "NaN or inf"),
@@ -102,8 +113,18 @@ def test_cli_bad_input_gets_one_line_exit_status_2_and_leaves_no_out_folder(tmp_
         (["--eval-only"], "--eval-only needs --load"),
         (["--epochs", "0"], "--epochs must be positive"),
         (["--lr", "nan"], "--lr must be positive and finite"),
-        (["--data", tiny_npz, "--load", str(tmp_path / "notes.txt")], "not a checkpoint"),
-        (["--load", str(tmp_path / "tiny.pt")], "the model expects modalities {'audio': (4, 6), 'visual': (1, 15)}"),
+        (["--data", tiny_npz, "--load", str(tmp_path / "notes.txt")], f"notes.txt: {not_a_checkpoint}"),
+        (["--data", tiny_npz, "--load", tiny_npz], f"tiny.npz: {not_a_checkpoint}"),
+        (["--load", str(tmp_path / "tiny.pt")], f"tiny.pt: the model was trained on {tiny_npz}; this run uses the "
+                                                f"built-in synthetic data: pass --data {tiny_npz}"),
+        (["--data", tiny_npz, "--load", str(tmp_path / "built-in.pt")],
+         f"built-in.pt: the model was trained on the built-in synthetic data; this run uses {tiny_npz}: drop --data"),
+        (["--data", str(small_npz(tmp_path / "other.npz")), "--load", str(tmp_path / "tiny.pt")],
+         "the model expects modalities {'audio': (4, 6), 'visual': (1, 15)}"),
+        (["--data", tiny_npz, "--load", str(tmp_path / "misfit.pt")],
+         "misfit.pt: its config and state dict do not fit this rollingq.py (Error(s) in loading state_dict"),
+        (["--data", tiny_npz, "--load", str(tmp_path / "tiny.pt"), "--width", "16", "--fusion-head", "prenorm"],
+         "--load brings its own architecture; drop --width, --fusion-head"),
         (["--seed", "-1"], "--seed must be in 0..2**63-1"),
         (["--rollingq", "--fusion", "concat"], "needs --fusion attention"),
         (["--data", tiny_npz, "--rollingq", "--sigma", "inf"], "finite sigma >= 0"),
@@ -128,13 +149,33 @@ def test_cli_bad_input_gets_one_line_exit_status_2_and_leaves_no_out_folder(tmp_
     assert refused(cli("--data", str(tmp_path / "missing.npz")), "no such file")   # as a process: status 2, one line
 
 
+def test_the_new_refusals_are_one_line_from_the_process_with_no_warning(tmp_path, tiny_npz):
+    """As a user meets them: stderr holds the one line, and no warning from numpy or torch beside it."""
+    one_class = small_npz(tmp_path / "one-class.npz", train_y=np.zeros(40, int), test_y=np.zeros(20, int))
+    assert refused(cli("--data", str(one_class)), "train_y holds one class only (label 0); expected at least 2 classes")
+    huge = small_npz(tmp_path / "huge.npz", train_visual=np.full((40, 6), 1e300))
+    assert refused(cli("--data", str(huge)), "NaN or inf (or values too large for float32)")
+    assert refused(cli("--data", tiny_npz, "--load", tiny_npz, "--heads", "2"),
+                   "--load brings its own architecture; drop --heads")
+    assert train.parse_args(["--load", "model.pt", "--heads", "1"]).heads == 1     # given at its default: it passes
+    with pytest.raises(train.UsageError, match="drop --preset$"):                  # not the sizes the preset sets
+        train.parse_args(["--load", "model.pt", "--preset", "paper"])
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with open(tmp_path / "pickled.pt", "wb") as f:               # a pickle, not torch.save's zip: torch warns on it
+        pickle.dump({"config": {}}, f, protocol=4)
+    for path in (tmp_path / "notes.txt", tmp_path / "pickled.pt", tiny_npz):
+        assert refused(cli("--data", tiny_npz, "--load", str(path)), "not a checkpoint written by train.py --save")
+
+
 def test_help_shows_each_default_zero_included():
     r = cli("--help")
     text = " ".join(r.stdout.split())                           # argparse wraps lines
     assert r.returncode == 0 and "--fusion-head {authors,prenorm}" in text
     for flag, default in (("--beta", "0.0"), ("--seed", "0"), ("--pretrain-epochs", "0"), ("--max-rolls", "1"),
                           ("--dropout", "0.2"), ("--epochs", "25"), ("--fusion-head", "authors")):
-        assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(default)}\)", text), flag
+        assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(default)}[,)]", text), flag
+    assert "--dropout DROPOUT dropout on the fusion attention weights and output (default: 0.2, the authors' value)" in text
+    assert "--unimodal NAME the unimodal baseline" in text and "--preset {paper,small} small: the sizes" in text
 
 
 def test_cleanup_ends_the_process_group_after_a_run_and_after_a_refusal(tmp_path, tiny_npz):
