@@ -244,9 +244,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
+    def project(self, x):                                     # (B, T, C) -> (B, T, 3C): q, k, v of every token
+        return self.qkv(x)
+
     def split(self, x):
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads)   # (B, T, 3, nh, hs)
+        qkv = self.project(x).view(B, T, 3, self.n_heads, C // self.n_heads)   # (B, T, 3, nh, hs)
         return qkv.permute(2, 0, 3, 1, 4)                     # 3 x (B, nh, T, hs)
 
     def merge(self, y):
@@ -300,6 +303,14 @@ class Encoder(nn.Module):
 
     def pool(self, z):                                        # (B, T_m, C) -> (B, C): the modality's feature
         return z[:, 0] if self.cls is not None else z.mean(1)
+
+
+def authors_init(module):
+    """The authors' weight_init, applied to the whole model: every Linear gets xavier_normal
+    weights and a zero bias (they then load ImageNet weights into the encoders; ours train)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_normal_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 def trunc_normal(*shape, std=0.02):
@@ -380,8 +391,20 @@ class FusionAttention(Attention):
         self.register_buffer("P", P, persistent=False)
         self.register_buffer("member", (P > 0).float().T, persistent=False)   # (T, M): token t is modality m's
         self.rotation = QueryRotation(n_heads, d_model // n_heads)
+        # No key bias: b_k adds q·b_k to every logit alike, which the softmax ignores (so its
+        # gradient is zero up to rounding), but it would shift every cosine AIR and the anchor
+        # are read from. The authors' key bias starts at zero and stays there up to rounding;
+        # here it is zero by construction.
+        keep = torch.ones(3 * d_model)
+        keep[d_model:2 * d_model] = 0.0
+        self.register_buffer("bias_keep", keep, persistent=False)   # (3C,): 0 on the key bias
+        with torch.no_grad():
+            self.qkv.bias[d_model:2 * d_model] = 0.0
         self.attn_drop = nn.Dropout(dropout)                  # on the attention weights, as the authors
         self.drop = nn.Dropout(dropout)                       # on the output, as the authors
+
+    def project(self, x):                                     # (B, T, C) -> (B, T, 3C), k = x W_kᵀ
+        return F.linear(x, self.qkv.weight, self.qkv.bias * self.bias_keep)
 
     def forward(self, x, stats=False):                        # x: (B, T, C), T = 1 + sum T_m -> (B, C)
         q, k, v = self.split(x)                               # (B, nh, T, hs)
@@ -429,17 +452,19 @@ class MultimodalTransformer(nn.Module):
         self.probes = nn.ModuleList(nn.Linear(C, cfg.n_classes) for _ in range(M))
         if cfg.fusion == "concat":
             self.head = nn.Linear(M * C, cfg.n_classes)
-            return
-        spans, start = [], 1                                  # token 0 is the fusion CLS token
-        for encoder, (L, _) in zip(self.encoders, cfg.modalities.values()):
-            end = start + L + (encoder.cls is not None)
-            spans.append((start, end))
-            start = end
-        self.cls = nn.Parameter(trunc_normal(1, 1, C))
-        if cfg.fusion_head == "prenorm":
-            self.ln, self.ln_f = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.fusion = FusionAttention(C, cfg.fusion_heads, spans, cfg.fusion_dropout)
-        self.head = nn.Linear(C, cfg.n_classes)
+        else:
+            spans, start = [], 1                              # token 0 is the fusion CLS token
+            for encoder, (L, _) in zip(self.encoders, cfg.modalities.values()):
+                end = start + L + (encoder.cls is not None)
+                spans.append((start, end))
+                start = end
+            self.cls = nn.Parameter(trunc_normal(1, 1, C))
+            if cfg.fusion_head == "prenorm":
+                self.ln, self.ln_f = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.fusion = FusionAttention(C, cfg.fusion_heads, spans, cfg.fusion_dropout)
+            self.head = nn.Linear(C, cfg.n_classes)
+        if cfg.fusion_head == "authors":
+            self.apply(authors_init)
 
     def tokens(self, xs):
         """Check the inputs against cfg.modalities; (B, D_m) is taken as one token (B, 1, D_m)."""

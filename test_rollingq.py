@@ -468,6 +468,8 @@ def test_controller_and_model_reject_bad_arguments():
         RollingQ(beta=-1)
     with pytest.raises(ValueError, match="observe"):
         RollingQ().step(tiny_model())
+    with pytest.raises(ValueError, match="n_classes must be at least 2"):
+        Config(MODALITIES, 1)
     with pytest.raises(ValueError, match="stats=True"):
         out = tiny_model()(batch(0))
         RollingQ().observe(out.query, out.key_means)
@@ -508,6 +510,27 @@ def test_model_takes_vectors_as_one_token_and_names_a_badly_shaped_modality():
         model([xs[0][..., :6], xs[1], xs[2]])
     with pytest.raises(ValueError, match="same B"):
         model([xs[0], xs[1][:5], xs[2]])
+
+
+def test_the_authors_head_has_their_init_and_a_fusion_key_bias_that_stays_zero():
+    model = tiny_model(modalities={"audio": (5, 7), "visual": (3, 4)})
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in linears)   # weight_init: zero biases
+    W = model.fusion.qkv.weight                                 # xavier_normal: std sqrt(2 / (fan_in + fan_out))
+    assert abs(float(W.std()) - math.sqrt(2 / (W.shape[0] + W.shape[1]))) < 0.02
+    xs, y, C = batch(0, modalities={"audio": (5, 7), "visual": (3, 4)}), torch.randint(0, 4, (12,)), 16
+    for optimizer in (torch.optim.AdamW(model.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.1)):
+        for _ in range(5):
+            optimizer.zero_grad()
+            F.cross_entropy(model(xs).logits, y).backward()
+            optimizer.step()
+        assert torch.equal(model.fusion.qkv.bias[C:2 * C], torch.zeros(C))   # the key bias: zero, always
+    assert not torch.equal(model.fusion.qkv.bias[:C], torch.zeros(C))       # the query bias trains
+    model.eval()
+    before = model(xs, stats=True).key_means
+    with torch.no_grad():
+        model.fusion.qkv.bias[C:2 * C] = 1.0                    # even a loaded non-zero key bias is not used
+    assert torch.equal(model(xs, stats=True).key_means, before)
 
 
 def test_fusion_dropout_acts_on_the_attention_weights_and_the_output_in_training_only():

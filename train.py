@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as datasets
-from rollingq import (Config, Encoder, MultimodalTransformer, Output, RollingQ, air_from_cosines, key_gap,
-                      leading_modality, modality_cosines)
+from rollingq import (Config, Encoder, MultimodalTransformer, Output, RollingQ, air_from_cosines, authors_init,
+                      key_gap, leading_modality, modality_cosines, query_rotation)
 
 # ----------------------------------------------------------------------------------------
 # The training loop
@@ -79,6 +79,8 @@ def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on
         if world > 1:
             dist.all_reduce(total_loss)
             total_loss /= world                                       # the mean over ranks
+        if controller is not None and epoch < epochs and args.roll_stats == "pass" and may_roll(controller, model):
+            stats_pass(model, xs, controller, args.batch_size, autocast)
         record = controller.step(model) if controller is not None and epoch < epochs else {"rolled": False}
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -86,6 +88,25 @@ def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on
         if on_epoch is not None:
             on_epoch(epoch, float(total_loss) / len(starts), record, time.perf_counter() - t0)
     return seconds
+
+
+def may_roll(controller, model):
+    return controller.max_rolls is None or int(query_rotation(model).rolls) < controller.max_rolls
+
+
+@torch.no_grad()
+def stats_pass(model, xs, controller, batch_size, autocast):
+    """--roll-stats pass, the authors' statistics: after the epoch, a no-grad eval-mode pass over
+    the training set in order gives K̄ (all of it) and q̄ and AIR (its last batch; the authors take
+    AIR from the last training batch: the same roll when beta = sigma = 0). Under torchrun every
+    rank passes over the whole set: the means are the same."""
+    controller.reset()
+    model.eval()
+    for i in range(0, len(xs[0]), batch_size):
+        with autocast:
+            out = model([x[i:i + batch_size] for x in xs], stats=True)
+        controller.observe(out.query, out.key_means)
+    model.train()
 
 
 def make_optimizer(model, args):
@@ -148,19 +169,74 @@ def evaluate(model, xs, y, names, batch_size=512):
     return result
 
 
-def final_evaluation(model, xs, y, names):
-    """The clean test set, then each modality in turn replaced by Gaussian noise with its mean
-    and std per position (drawn from a fixed seed: every model meets the same noisy inputs)."""
-    g = torch.Generator().manual_seed(0)
-    conditions = {"clean": xs}
-    for j, (m, x) in enumerate(zip(names, xs)):
-        z = torch.randn(x.shape, generator=g).to(x.device)            # (N, L, D)
-        noised = x.mean(0, keepdim=True) + x.std(0, correction=0, keepdim=True) * z
-        conditions[f"noise:{m}"] = [noised if i == j else other for i, other in enumerate(xs)]
+NOISE_LEVELS = (0.25, 0.5, 1.0)                                       # corruption levels besides 0 (clean)
+
+
+def corrupted(x, level, z):
+    """Corruption level λ of one modality x (N, L, D): x -> μ + sqrt(1 - λ)(x - μ) + sqrt(λ) σ z, with
+    μ, σ its per-position mean and std over the set and z ~ N(0, 1): mean and variance stay, the
+    signal keeps 1 - λ of the variance. λ = 0: clean; λ = 1: replaced by noise. level: a number or
+    (N, 1, 1), one per sample."""
+    mu, sd = x.mean(0, keepdim=True), x.std(0, correction=0, keepdim=True)   # (1, L, D)
+    return mu + (1 - level) ** 0.5 * (x - mu) + level ** 0.5 * sd * z
+
+
+def noise_draws(xs, seed=0):
+    """The noise every model meets: z (N, L_m, D_m) per modality and a quality u ~ U(0, 1) per sample
+    and modality (N, M), from a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    zs = [torch.randn(x.shape, generator=g).to(x.device) for x in xs]
+    return zs, torch.rand(len(xs[0]), len(xs), generator=g).to(xs[0].device)
+
+
+@torch.no_grad()
+def attention_shares(model, xs, batch_size=512):
+    """Each sample's CLS attention share per modality, averaged over the heads: (N, M)."""
+    model.eval()
+    parts = []
+    for i in range(0, len(xs[0]), batch_size):
+        mass = model([x[i:i + batch_size] for x in xs], stats=True).attention.float()   # (B, nh, M)
+        parts.append((mass / mass.sum(-1, keepdim=True)).mean(1))                       # (B, M)
+    model.train()
+    return torch.cat(parts)
+
+
+def pearson(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float(a @ b / (a.norm() * b.norm())) if a.norm() > 0 and b.norm() > 0 else None
+
+
+def final_evaluation(model, xs, y, names, test_noise=None):
+    """The test set clean and with each modality corrupted at NOISE_LEVELS (noise:m is level 1,
+    the modality replaced by noise); for attention fusion also the paper's measures of dynamic
+    fusion: per modality, the Pearson r over test samples between its attention share and its
+    quality u (each sample's modality corrupted at level 1 - u, the others clean), and, where the
+    data says which samples were drawn as pure noise in a modality (built-in), its attention share
+    on those samples against the informative ones."""
+    zs, u = noise_draws(xs)
+
+    def swap(j, x_j):                                                 # xs with modality j replaced by x_j
+        return [x_j if i == j else x for i, x in enumerate(xs)]
+    conditions = {"clean": xs, **{f"noise:{m}": swap(j, corrupted(xs[j], 1.0, zs[j])) for j, m in enumerate(names)}}
     results = {c: evaluate(model, cxs, y, names) for c, cxs in conditions.items()}
     final = {**results["clean"], "acc": {c: r["acc"] for c, r in results.items()}}
-    if "attention" in final:
-        final["attention"] = {c: r["attention"] for c, r in results.items()}
+    final["acc_by_level"] = {m: {"0": final["acc"]["clean"], **{
+        f"{level:g}": final["acc"][f"noise:{m}"] if level == 1.0 else
+        evaluate(model, swap(j, corrupted(xs[j], level, zs[j])), y, names)["acc"] for level in NOISE_LEVELS}}
+        for j, m in enumerate(names)}
+    if "attention" not in final:
+        return final
+    final["attention"] = {c: r["attention"] for c, r in results.items()}
+    final["attention_quality_r"] = {}
+    for j, m in enumerate(names):
+        level = (1 - u[:, j]).view(-1, 1, 1)                          # (N, 1, 1)
+        final["attention_quality_r"][m] = pearson(attention_shares(model, swap(j, corrupted(xs[j], level, zs[j])))[:, j],
+                                                  u[:, j])
+    if test_noise is not None:
+        share, noise = attention_shares(model, xs), test_noise.to(xs[0].device)   # (N, M), (N, M) bool
+        final["attention_by_noise"] = {m: {"noise": float(share[noise[:, j], j].mean()),
+                                           "informative": float(share[~noise[:, j], j].mean())}
+                                       for j, m in enumerate(names)}
     return final
 
 
@@ -185,7 +261,10 @@ def run(args, data, device, log=print, on_step=None):
     if args.unimodal:                                                 # the multimodal model's encoder, alone
         cfg = build_config(args, data)
         data = data.select(args.unimodal)
-        model, trained_on = Unimodal(Encoder(*cfg.modalities[args.unimodal], cfg), cfg.d_model, cfg.n_classes), None
+        encoder = Encoder(*cfg.modalities[args.unimodal], cfg)
+        if cfg.fusion_head == "authors":                              # as MultimodalTransformer initialises it
+            encoder.apply(authors_init)
+        model, trained_on = Unimodal(encoder, cfg), None
     else:
         model, trained_on = load_checkpoint(args.load, data, args.data) if args.load else \
             (MultimodalTransformer(build_config(args, data)), None)
@@ -198,11 +277,11 @@ def run(args, data, device, log=print, on_step=None):
     # in-memory data: moved to the device once, batches are index slices there
     test_xs, test_y = [x.to(device) for x in data.test_x], data.test_y.to(device)
     if args.eval_only:
-        metrics["final"] = final_evaluation(model, test_xs, test_y, data.names)
+        metrics["final"] = final_evaluation(model, test_xs, test_y, data.names, data.test_noise)
         return model, metrics
     xs, y = [x.to(device) for x in data.train_x], data.train_y.to(device)
     if args.pretrain_epochs:
-        metrics["pretrain_train_acc"] = pretrain(model, xs, y, args, device, log if rank == 0 else lambda s: None)
+        metrics["pretrain"] = pretrain(model, xs, y, test_xs, test_y, args, device, log if rank == 0 else lambda s: None)
 
     def on_epoch(epoch, loss, record, seconds):                       # evaluate on the test set, print one line
         t0 = time.perf_counter()
@@ -215,7 +294,8 @@ def run(args, data, device, log=print, on_step=None):
             log(epoch_line(epoch, args.epochs, loss, ev, rolls, record, seconds + time.perf_counter() - t0))
 
     train_seconds = train(model, xs, y, args, args.epochs, device, controller, on_epoch, on_step, log)
-    metrics["final"] = {**final_evaluation(model, test_xs, test_y, data.names), "train_seconds": train_seconds}
+    metrics["final"] = {**final_evaluation(model, test_xs, test_y, data.names, data.test_noise),
+                        "train_seconds": train_seconds}
     if world > 1:                                                     # every rank: the same rotation and metrics?
         mine = (model.fusion.rotation.R.tolist() if hasattr(model, "fusion") else None,
                 json.dumps({"epochs": metrics["epochs"], "acc": metrics["final"]["acc"]}, sort_keys=True))
@@ -245,23 +325,34 @@ def checked(make, *args, **kwargs):
 class Unimodal(nn.Module):
     """One modality's encoder and a linear head on its feature: --unimodal, and --pretrain-epochs."""
 
-    def __init__(self, encoder, d_model, n_classes):
+    def __init__(self, encoder, cfg):
         super().__init__()
-        self.encoder, self.head = encoder, nn.Linear(d_model, n_classes)
+        self.encoder, self.head = encoder, nn.Linear(cfg.d_model, cfg.n_classes)
+        if cfg.fusion_head == "authors":
+            self.head.apply(authors_init)
 
     def forward(self, xs, stats=False):                               # xs: [(B, L, D)]
         return Output(self.head(self.encoder.pool(self.encoder(xs[0]))), [])
 
 
-def pretrain(model, xs, y, args, device, log):
-    """--pretrain-epochs: each encoder trained alone first (our stand-in for the paper's ImageNet weights)."""
-    accuracy = {}
+# --pretrain-epochs: each encoder alone first, our stand-in for the paper's ImageNet-21k weights,
+# with a recipe of its own that trains it (--optimizer, --lr, --schedule set the multimodal phase)
+PRETRAIN = {"optimizer": "adamw", "lr": 1e-3, "schedule": "constant"}
+
+
+def pretrain(model, xs, y, test_xs, test_y, args, device, log):
+    """Train each encoder alone with a linear head, with PRETRAIN; returns the recipe and accuracies."""
+    recipe = argparse.Namespace(**{**vars(args), **PRETRAIN})
+    result = {"recipe": {**PRETRAIN, "epochs": args.pretrain_epochs, "batch_size": args.batch_size},
+              "train_acc": {}, "test_acc": {}}
     for j, name in enumerate(model.cfg.modalities):
-        solo = Unimodal(model.encoders[j], model.cfg.d_model, model.cfg.n_classes).to(device)
-        train(solo, [xs[j]], y, args, args.pretrain_epochs, device, log=log)
-        accuracy[name] = evaluate(solo, [xs[j]], y, [name])["acc"]
-        log(f"pretrained {name}: train accuracy {accuracy[name]:.4f} after {args.pretrain_epochs} epochs")
-    return accuracy
+        solo = Unimodal(model.encoders[j], model.cfg).to(device)
+        train(solo, [xs[j]], y, recipe, args.pretrain_epochs, device, log=log)
+        result["train_acc"][name] = evaluate(solo, [xs[j]], y, [name])["acc"]
+        result["test_acc"][name] = evaluate(solo, [test_xs[j]], test_y, [name])["acc"]
+        log(f"pretrained {name}: accuracy train {result['train_acc'][name]:.4f}, test {result['test_acc'][name]:.4f} "
+            f"after {args.pretrain_epochs} epochs")
+    return result
 
 
 def describe(args, data, model, device, world, trained_on=None):
@@ -280,7 +371,7 @@ def describe(args, data, model, device, world, trained_on=None):
         parts.append(f"concat fusion, {model.cfg.fusion_head} encoders")
     else:
         if args.rollingq:
-            method = (f"RollingQ (beta {args.beta:g}, sigma {args.sigma:g}, max-rolls {rolls}"
+            method = (f"RollingQ (beta {args.beta:g}, sigma {args.sigma:g}, max-rolls {rolls}, roll-stats {args.roll_stats}"
                       + ("; no roll: a roll needs an epoch after it" if args.epochs < 2 else "") + ")")
         elif rolled:                                                  # a loaded model keeps its rotation
             method = f"loaded with its rotation (rolled {rolled} time{'s' * (rolled != 1)}), no further rolls"
@@ -292,7 +383,8 @@ def describe(args, data, model, device, world, trained_on=None):
                      else "AIR: the favoured modality's lead (named)")
     if not args.eval_only:
         parts.append(f"{args.optimizer} lr {args.lr:g} {args.schedule}, {args.epochs} epochs, batch {args.batch_size}"
-                     + (f", warm start {args.pretrain_epochs} epochs" if args.pretrain_epochs else ""))
+                     + (f", warm start: each encoder alone first, {args.pretrain_epochs} epochs of {PRETRAIN['optimizer']} "
+                        f"lr {PRETRAIN['lr']:g} {PRETRAIN['schedule']}" if args.pretrain_epochs else ""))
     return " | ".join(parts + [f"{device}" + (f" x {world} processes" if world > 1 else ""),
                                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"])
 
@@ -417,6 +509,10 @@ def build_parser(description=None, out="write DIR/metrics.json", prog=None):
     g.add_argument("--max-rolls", type=max_rolls_arg, default=1, metavar="N|none",
                    help="roll at most N times, each after an epoch but the last (the authors' 1: after the first); "
                         "none: after every epoch but the last")
+    g.add_argument("--roll-stats", choices=["train", "pass"], default="train",
+                   help="where the roll's mean keys and query come from: train: the epoch's own training steps (no "
+                        "extra pass); pass: a no-grad eval-mode pass over the training set after the epoch (the "
+                        "authors')")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout on the fusion attention weights and output "
                    "(default: %(default)s, the authors' value)")
     g = p.add_argument_group("model and training")
@@ -437,7 +533,7 @@ def build_parser(description=None, out="write DIR/metrics.json", prog=None):
     g.add_argument("--heads", type=int, default=1, help="fusion attention heads (the paper uses 1)")
     g.add_argument("--preset", choices=sorted(PRESETS), default="small", help="small: the sizes shown above for "
                    "--width, --layers, --encoder-heads and --heads; paper: width 768, 4 encoder layers of 12 heads, "
-                   "256 + 196 tokens of built-in data: a GPU setting (explicit flags still win)")
+                   "512 + 588 tokens of built-in data (the authors' Kinetics-Sounds counts): a GPU setting (explicit flags still win)")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch order")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     g = p.add_argument_group("files")
@@ -498,13 +594,14 @@ def get_device(name):
     return torch.device(name)
 
 
-def load_data(args):
-    """The data of --data, or the built-in set of --preset; an unknown --unimodal name is refused here."""
+def load_data(args, seed=0):
+    """The data of --data, or the built-in set of --preset drawn from `seed`; an unknown --unimodal
+    name is refused here."""
     if args.preset == "paper" and args.device == "cpu":
         print("--preset paper is a GPU setting: on a CPU one training step takes tens of seconds (the first took "
               "48 s on a 2-core VM)", flush=True)
     data = datasets.load_npz(args.data) if args.data else \
-        datasets.synthetic(**(datasets.PAPER_SIZE if args.preset == "paper" else {}))
+        datasets.synthetic(seed, **(datasets.PAPER_SIZE if args.preset == "paper" else {}))
     if args.unimodal:
         data.select(args.unimodal)
     return data
@@ -512,8 +609,8 @@ def load_data(args):
 
 def main(argv=None):
     args, defaults = parse_args(argv), build_parser().parse_args([])
-    if not args.rollingq and any(getattr(args, k) != getattr(defaults, k) for k in ("beta", "sigma", "max_rolls")):
-        raise UsageError("--beta, --sigma and --max-rolls set RollingQ's rolls; add --rollingq")
+    if not args.rollingq and any(getattr(args, k) != getattr(defaults, k) for k in ("beta", "sigma", "max_rolls", "roll_stats")):
+        raise UsageError("--beta, --sigma, --max-rolls and --roll-stats set RollingQ's rolls; add --rollingq")
     device, data = get_device(args.device), load_data(args)
     try:
         model, metrics = run(args, data, device)

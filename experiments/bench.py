@@ -1,7 +1,7 @@
 """Training throughput with and without RollingQ, measured side by side in one process.
 
     python -m experiments.bench                    # the default model and built-in data
-    python -m experiments.bench --preset paper     # width 768, 4 x 12-head layers, 256 + 196 tokens: for a GPU
+    python -m experiments.bench --preset paper     # width 768, 4 x 12-head layers, 512 + 588 tokens: for a GPU
 
 The same batches, timed blocks of --steps training steps (default: one epoch) of each model in
 alternating order; each RollingQ block ends with a roll, the cost of rolling after every epoch.

@@ -67,3 +67,16 @@ def test_load_npz_refuses_a_missing_file_and_a_file_that_is_no_npz(tmp_path):
     np.save(tmp_path / "single.npy", np.zeros(3))
     with pytest.raises(datasets.DataError, match="single array"):
         datasets.load_npz(tmp_path / "single.npy")
+
+
+def test_synthetic_data_says_which_test_samples_were_drawn_as_noise_in_each_modality():
+    d = datasets.synthetic(seed=1, n_train=200, n_test=4000)
+    noise = d.test_noise                                        # (N_test, M) bool
+    assert noise.shape == (4000, 2) and noise.dtype == torch.bool and not noise.all(1).any()   # never both
+    assert 0.2 < float(noise.float().mean()) < 0.3              # 30 % drawn, fewer after the restore
+    # a sample drawn as noise in audio carries no class signal there: its tokens average to ~0
+    proto = torch.stack([d.test_x[0][(d.test_y == c) & ~noise[:, 0]].mean(0) for c in range(d.n_classes)])
+    score = lambda x, y: (x * proto[y]).mean((1, 2))            # noqa: E731  match with the class's prototype
+    assert float(score(d.test_x[0][noise[:, 0]], d.test_y[noise[:, 0]]).mean()) < 0.1
+    assert float(score(d.test_x[0][~noise[:, 0]], d.test_y[~noise[:, 0]]).mean()) > 0.5
+    assert torch.equal(d.select("visual").test_noise[:, 0], noise[:, 1])

@@ -9,48 +9,65 @@ from conftest import TINY, cli, refused
 
 import data as datasets
 import experiments
+import train
 from experiments import anatomy, bench, study
 
 
-def test_study_resumes_from_its_run_files_and_reports_premise_and_tables(tiny_npz, tmp_path, capsys):
-    d = datasets.load_npz(tiny_npz)
-    args = study.parse_args(["--data", tiny_npz, "--seeds", "2", *TINY, "--epochs", "1", "--out", str(tmp_path)])
-    assert args.regimes == ["default", "authors"]
-    results, report = study.study(args, d, torch.device("cpu"))
+def test_study_resumes_from_its_run_files_and_reports_premise_and_tables(tiny_npz, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(study.REGIMES, "paper", {**study.PAPER, "epochs": 2, "pretrain_epochs": 1, "batch_size": 32})
+    args = study.parse_args(["--data", tiny_npz, "--seeds", "2", *TINY, "--epochs", "1", "--out", str(tmp_path),
+                             "--regimes", "paper,authors"])
+    results, report = study.study(args, torch.device("cpu"))
     n_runs = len(list((tmp_path / "runs").glob("*.json")))
-    again, report_again = study.study(args, d, torch.device("cpu"))
+    again, report_again = study.study(args, torch.device("cpu"))
     out = capsys.readouterr().out
-    rows = 2 * 5 * 2 + 2 * 2 * 2                                # regimes x rows x seeds, + unimodal runs
+    rows = 7 * 2 + 5 * 2 + 2 * 2 * 2                            # paper, authors: rows x seeds; unimodal: default, authors
     assert n_runs == rows and out.count("(kept from an earlier run)") == rows
     assert report_again == report
-    for regime, table in report["tables"].items():
-        lines = table["markdown"].splitlines()
-        assert len(lines) == 2 + 5 and lines[2].startswith("| concat |") and lines[3].startswith("| attention (vanilla)")
-        assert table["favoured"] in ("audio", "visual") and " ± " in lines[-1]
+    for regime, tables in report["tables"].items():
+        lines = tables["accuracy"].splitlines()
+        assert len(lines) == 2 + (7 if regime == "paper" else 5) and lines[2].startswith("| concat |")
+        assert lines[3].startswith("| attention (vanilla)") and " ± " in lines[-1]
+        assert tables["favoured"] in ("audio", "visual") and f"{tables['favoured']} at 0.25" in lines[0]
+        assert "| r audio | r visual |" in tables["dynamics"] and len(tables["per_seed"].splitlines()[2].split()) > 5
         premise = report["premise"][regime]
         assert set(premise["a_unimodal_acc"]) == {"audio", "visual"} and isinstance(premise["d_holds"], bool)
+    assert set(report["premise"]["paper"]["warm_start_test_acc"]) == {"audio", "visual"}
+    assert report["premise"]["authors"]["warm_start_test_acc"] is None
     text = (tmp_path / "study.md").read_text()
     assert text.count("### Regime:") == 2 and "authors head" in text and "Premise: (a) unimodal acc" in text
-    seeds = [r["config"]["seed"] for r in results["authors"]["RollingQ, every epoch"]]
+    assert text.index("### Regime: paper") < text.index("### Regime: authors")
+    passes = [r["config"] for r in results["paper"]["RollingQ, 3 rolls, pass stats"]]
+    assert all(c["roll_stats"] == "pass" and c["optimizer"] == "sgd" and c["lr"] == 1e-3 for c in passes)
     configs = [r["config"] for r in results["authors"]["RollingQ, every epoch"]]
-    assert seeds == [0, 1] and all(c["optimizer"] == "sgd" and c["max_rolls"] is None for c in configs)
+    assert [c["seed"] for c in configs] == [0, 1] and all(c["optimizer"] == "sgd" and c["max_rolls"] is None for c in configs)
+
+
+def test_the_built_in_data_is_drawn_from_each_seed():
+    args = study.parse_args([])
+    assert args.regimes == ["paper", "default", "authors"] and args.seeds == 5
+    a, b = train.load_data(args, 0), train.load_data(args, 1)
+    assert not torch.equal(a.train_x[0], b.train_x[0]) and torch.equal(a.train_x[0], train.load_data(args).train_x[0])
 
 
 def test_the_study_header_counts_in_words_and_says_once_which_rows_cannot_differ():
-    def markdown(epochs, seeds):
-        return study.study_markdown(study.parse_args(["--epochs", str(epochs), "--seeds", str(seeds)]), {"tables": {}})
-    assert markdown(2, 1).startswith("## Study: built-in synthetic data, authors head, 1 seed, 2 epochs")
-    assert markdown(2, 1).count("identical runs") == 1 and "With 2 epochs at most 1 roll is possible (a roll needs an " \
-        'epoch after it): the rows "RollingQ, 1 roll", "RollingQ, 3 rolls" and "RollingQ, every epoch"' in markdown(2, 1)
-    assert 'at most 2 rolls are possible (a roll needs an epoch after it): the rows "RollingQ, 3 rolls" and ' \
-        '"RollingQ, every epoch" are identical runs.' in markdown(3, 2)
-    assert "identical" not in markdown(5, 2) and "3 seeds, 5 epochs" in markdown(5, 3)
+    def markdown(seeds):
+        return study.study_markdown(study.parse_args(["--seeds", str(seeds)]), {"tables": {}})
+    assert markdown(1).startswith("## Study: built-in synthetic data, drawn from each seed, authors head, 1 seed")
+    assert "3 seeds" in markdown(3)
+    assert study.identical_rows(2) == ("With 2 epochs at most 1 roll is possible (a roll needs an epoch after it): "
+                                       'the rows "RollingQ, 1 roll", "RollingQ, 3 rolls" and "RollingQ, every epoch" '
+                                       "are identical runs.")
+    assert study.identical_rows(3) == ("With 3 epochs at most 2 rolls are possible (a roll needs an epoch after it): "
+                                       'the rows "RollingQ, 3 rolls" and "RollingQ, every epoch" are identical runs.')
+    assert study.identical_rows(5) is None
     r = cli("--help", module="experiments.study")
-    assert r.returncode == 0 and "(default: default,authors)" in " ".join(r.stdout.split())
+    assert r.returncode == 0 and "(default: paper,default,authors)" in " ".join(r.stdout.split())
 
 
 def test_a_warm_start_regime_takes_its_premise_from_the_same_regime_without_it():
     assert study.unimodal_regime("authors + warm start") == "authors"
+    assert study.unimodal_regime("paper") == "default"          # the pretraining recipe, run to its end
     assert study.unimodal_regime("default") == "default"
 
 

@@ -39,7 +39,7 @@ def test_train_writes_metrics_and_a_checkpoint_that_reloads_to_the_same_accuracy
 
     opening = r.stdout.splitlines()[0]                          # says what the run is about to do
     assert opening.startswith(f"data {tiny_npz}: audio 4x6, visual 1x15") and "AIR > 0: audio favoured" in opening
-    assert "attention fusion, authors head, fusion dropout 0.2, RollingQ (beta 0, sigma 0, max-rolls 1)" in opening
+    assert "attention fusion, authors head, fusion dropout 0.2, RollingQ (beta 0, sigma 0, max-rolls 1, roll-stats train)" in opening
     assert f"saved the model to {out / 'model.pt'}" in r.stdout
 
     again = tmp_path / "eval"
@@ -251,10 +251,13 @@ def test_unimodal_run_measures_one_modality_alone(tmp_path, tiny_npz):
     assert "attention" not in m["final"] and "probe_acc" not in m["final"]
 
 
-def test_warm_start_trains_each_encoder_alone_first(tiny_npz):
-    m = run_in_process(["--pretrain-epochs", "2", *TINY, "--epochs", "1"], datasets.load_npz(tiny_npz))
-    assert set(m["pretrain_train_acc"]) == {"audio", "visual"}
-    assert m["pretrain_train_acc"]["audio"] > 0.5                # 4 classes: chance is 0.25
+def test_warm_start_trains_each_encoder_alone_with_its_own_recipe(tiny_npz):
+    # a multimodal phase that cannot learn (lr 1e-9) leaves the pretraining untouched
+    m = run_in_process(["--pretrain-epochs", "2", *TINY, "--epochs", "1", "--optimizer", "sgd", "--lr", "1e-9"],
+                       datasets.load_npz(tiny_npz))
+    assert m["pretrain"]["recipe"] == {**train.PRETRAIN, "epochs": 2, "batch_size": 32}
+    assert set(m["pretrain"]["train_acc"]) == set(m["pretrain"]["test_acc"]) == {"audio", "visual"}
+    assert m["pretrain"]["train_acc"]["audio"] > 0.5 and m["pretrain"]["test_acc"]["audio"] > 0.5   # chance: 0.25
 
 
 def test_three_modalities_name_the_leader_of_air():
@@ -264,3 +267,49 @@ def test_three_modalities_name_the_leader_of_air():
     m = run_in_process([*TINY, "--epochs", "1"], d)
     assert m["final"]["air_leader"] in d.names and m["final"]["air"] >= 0
     assert all(e["air_leader"] in d.names for e in m["epochs"])
+
+
+def test_corruption_keeps_each_modalitys_mean_and_std_and_every_model_meets_the_same_draw():
+    g = torch.Generator().manual_seed(1)                        # not the noise's seed 0
+    x = 3 + 2 * torch.randn(4000, 2, 3, generator=g)           # (N, L, D)
+    zs, u = train.noise_draws([x, x[:, :1]])
+    again = train.noise_draws([x, x[:, :1]])
+    assert all(torch.equal(a, b) for a, b in zip(zs + [u], again[0] + [again[1]]))   # the same draw every time
+    assert u.shape == (4000, 2) and 0 <= float(u.min()) and float(u.max()) <= 1
+    assert torch.allclose(train.corrupted(x, 0.0, zs[0]), x, atol=1e-5)
+    for level in (0.25, 0.5, 1.0):
+        noised = train.corrupted(x, level, zs[0])
+        assert torch.allclose(noised.mean(0), x.mean(0), atol=0.1) and torch.allclose(noised.std(0), x.std(0), atol=0.1)
+        signal = float(torch.corrcoef(torch.stack([noised.flatten(), x.flatten()]))[0, 1]) ** 2
+        assert signal == pytest.approx(1 - level, abs=0.02)     # the signal keeps 1 - level of the variance
+    assert torch.equal(train.corrupted(x, 1.0, zs[0]), x.mean(0, keepdim=True) + x.std(0, correction=0, keepdim=True) * zs[0])
+
+
+def test_metrics_hold_the_papers_measures_of_dynamic_fusion(tiny_npz):
+    d = datasets.load_npz(tiny_npz)
+    d.test_noise = torch.rand(len(d.test_y), 2) < 0.3          # as synthetic() gives it
+    m = run_in_process([*TINY, "--epochs", "1"], d)["final"]
+    assert set(m["acc_by_level"]) == {"audio", "visual"} and list(m["acc_by_level"]["audio"]) == ["0", "0.25", "0.5", "1"]
+    assert m["acc_by_level"]["audio"]["1"] == m["acc"]["noise:audio"] and m["acc_by_level"]["visual"]["0"] == m["acc"]["clean"]
+    assert all(-1 <= r <= 1 for r in m["attention_quality_r"].values())
+    assert set(m["attention_by_noise"]["visual"]) == {"noise", "informative"}
+    concat = run_in_process([*TINY, "--epochs", "1", "--fusion", "concat"], d)["final"]
+    assert "acc_by_level" in concat and "attention_quality_r" not in concat
+
+
+def test_roll_stats_pass_takes_the_mean_keys_from_an_eval_pass_over_the_training_set(tiny_npz):
+    d = datasets.load_npz(tiny_npz)
+    torch.manual_seed(0)
+    model = MultimodalTransformer(Config(d.modalities, d.n_classes, d_model=16, n_layers=1))
+    model.eval()
+    with torch.no_grad():
+        whole = model(d.train_x, stats=True).key_means.mean(0)  # the whole set at once, eval mode
+    model.train()
+    controller = RollingQ()
+    train.stats_pass(model, d.train_x, controller, 32, train.bf16_autocast(torch.device("cpu")))
+    assert model.training and controller.n == len(d.train_y)
+    assert torch.allclose(controller.key_sum / controller.n, whole, atol=1e-5)
+    assert controller.step(model)["rolled"]
+    m = run_in_process([*TINY, "--rollingq", "--roll-stats", "pass", "--max-rolls", "none", "--epochs", "3"], d)
+    assert [e["rolled"] for e in m["epochs"]] == [True, True, False] and m["config"]["roll_stats"] == "pass"
+    assert refused(cli("--roll-stats", "pass"), "add --rollingq") and refused(cli("--roll-stats", "x"), "invalid choice")
