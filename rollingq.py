@@ -144,7 +144,7 @@ def equiangular_anchor(k_hat, cosines, sigma=0.0):
     (for M = 2, lambda_a = lambda_v: t is the paper's anchor up to its length).
     """
     # w = softmax(-2 sigma c); for M = 2, w_a = alpha
-    w = torch.softmax(-2.0 * sigma * cosines, dim=0)          # (M,)
+    w = torch.softmax(-2.0 * sigma * cosines.to(k_hat.dtype), dim=0)   # (M,)
     # lambda = G⁺1: k̂_m · (sum_j lambda_j k̂_j) = (G lambda)_m = 1 for every m
     gram = k_hat @ k_hat.T                                    # (M, M)
     lam = torch.linalg.pinv(gram) @ torch.ones_like(w)        # (M,)
@@ -310,7 +310,8 @@ def authors_init(module):
     weights and a zero bias (they then load ImageNet weights into the encoders; ours train)."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_normal_(module.weight)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def trunc_normal(*shape, std=0.02):
@@ -333,7 +334,8 @@ class QueryRotation(nn.Module):
     RollingQ.step(model) finds the layer by this type among model.modules(), so any model, or
     a DDP / torch.compile wrapper of one, that holds exactly one QueryRotation will do. It
     checks 3: the layer keeps (a reference to) the last query it rotated in each mode, and a
-    step whose observed query is neither, such as the unrotated q, is refused.
+    step whose observed query is neither, such as the unrotated q, is refused. (Tested eager,
+    under DDP and torch.compile's default mode; not under CUDA graphs or torch.export.)
     R (nh, hs, hs) and the number of rolls are buffers: they are in state_dict(), never trained,
     and a reloaded model keeps its rotation. (The authors' code keeps the roll counter outside
     the state dict.) R stays float32 (or float64) when the model is cast to bf16 or fp16.
@@ -399,7 +401,7 @@ class FusionAttention(Attention):
         keep[d_model:2 * d_model] = 0.0
         self.register_buffer("bias_keep", keep, persistent=False)   # (3C,): 0 on the key bias
         with torch.no_grad():
-            self.qkv.bias[d_model:2 * d_model] = 0.0
+            self.qkv.bias[d_model:2 * d_model] = 0.0          # unused: zero, so state_dict says so
         self.attn_drop = nn.Dropout(dropout)                  # on the attention weights, as the authors
         self.drop = nn.Dropout(dropout)                       # on the output, as the authors
 
@@ -439,7 +441,8 @@ class MultimodalTransformer(nn.Module):
     layer (FusionAttention); fusion "concat": the modalities' features are concatenated.
     fusion_head "authors" (their code exactly): every encoder has a CLS token of its own, and
     fusion attends over the encoders' outputs as they are, with no norm and no residual; the
-    classifier reads the fusion output's CLS row. fusion_head "prenorm" (this project's first
+    classifier reads the fusion output's CLS row; every Linear starts from their weight_init
+    (authors_init). fusion_head "prenorm" (this project's first
     head): encoders without CLS tokens (mean-pooled features), a LayerNorm before the fusion,
     a residual around it and a final LayerNorm before the classifier.
     """
@@ -557,6 +560,10 @@ class RollingQ:
         self.n += k_bar.shape[0]
         self.key_sum = k_bar.sum(0) if self.key_sum is None else self.key_sum + k_bar.sum(0)   # (nh, M, hs)
 
+    def may_roll(self, model):
+        """Whether max_rolls still allows a roll of model's QueryRotation."""
+        return self.max_rolls is None or int(query_rotation(model).rolls) < self.max_rolls
+
     @torch.no_grad()
     def step(self, model):
         """End of epoch: roll where the condition holds. Returns a record of what it did.
@@ -571,24 +578,27 @@ class RollingQ:
         if q.shape[1:] != (nh, hs):
             raise ValueError(f"RollingQ observed queries of {q.shape[1]} head(s) of width {q.shape[2]}, but the "
                              f"QueryRotation it found has {nh} head(s) of width {hs}")
-        if not (torch.isfinite(q).all() and torch.isfinite(k_bar).all() and torch.isfinite(self.key_sum).all()):
-            raise ValueError("RollingQ.step: the observed query or mean keys hold NaN or inf")
         applied = [a.float()[:, :, 0] for a in rotation.last.values()]   # (B, nh, hs) each
         if not applied:
             raise ValueError("RollingQ.step: the QueryRotation was never applied; the attention layer must attend "
                              "with q_cls = rotation(q_cls)")
-        if not any(a.shape == q.shape and torch.equal(a, q) for a in applied):
+        # checked on every rank, raised on every rank (a rank that raised alone would hang the others)
+        nonfinite = not (torch.isfinite(q).all() and torch.isfinite(k_bar).all() and torch.isfinite(self.key_sum).all())
+        unrotated = not any(a.shape == q.shape and torch.equal(a, q) for a in applied)
+        q_sum, cos_sum, n_last, key_sum, n, nonfinite, unrotated = sum_over_ranks(
+            q.sum(0), modality_cosines(q, k_bar).sum(0), q.shape[0], self.key_sum, self.n, nonfinite, unrotated)
+        if nonfinite:
+            raise ValueError("RollingQ.step: the observed query or mean keys hold NaN or inf")
+        if unrotated:
             raise ValueError("RollingQ.step: the query last given to observe() is not the one the QueryRotation last "
                              "returned; observe the rotated query R q the layer attends with, not q")
-        q_sum, cos_sum, n_last, key_sum, n = sum_over_ranks(
-            q.sum(0), modality_cosines(q, k_bar).sum(0), q.shape[0], self.key_sum, self.n)
         q_bar = q_sum / n_last                                # (nh, hs) mean query of the last batch
         K_bar = key_sum / n                                   # (nh, M, hs) mean keys over the epoch
         cos = cos_sum / n_last                                # (nh, M) per-sample cosines, averaged
         # the roll condition: AIR = mean over samples of cos(q, k̄_a(x)) - cos(q, k̄_v(x))
         air = air_from_cosines(cos)                           # (nh,)
         heads, rotations, skipped = [], {}, []
-        if self.max_rolls is None or int(rotation.rolls) < self.max_rolls:
+        if self.may_roll(rotation):
             heads = [h for h in range(len(air)) if abs(float(air[h])) > self.beta]
         for h in heads:
             try:                                              # the anchor t, then R_new with R_new q̄ = t

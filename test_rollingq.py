@@ -636,7 +636,6 @@ def test_step_refuses_the_unrotated_query_a_rotation_never_applied_and_nan():
     with pytest.raises(ValueError, match="QueryRotation was never applied"):
         controller.step(fresh)
     controller.observe(out.query * float("nan"), out.key_means)
-    model.fusion.rotation.last = {True: (out.query * float("nan"))[:, :, None]}
     with pytest.raises(ValueError, match="hold NaN or inf"):
         controller.step(model)
     with pytest.raises(ValueError, match="at least 2 modalities, got 1"):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import data as datasets
 from rollingq import (Config, Encoder, MultimodalTransformer, Output, RollingQ, air_from_cosines, authors_init,
-                      key_gap, leading_modality, modality_cosines, query_rotation)
+                      key_gap, leading_modality, modality_cosines)
 
 # ----------------------------------------------------------------------------------------
 # The training loop
@@ -79,7 +79,7 @@ def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on
         if world > 1:
             dist.all_reduce(total_loss)
             total_loss /= world                                       # the mean over ranks
-        if controller is not None and epoch < epochs and args.roll_stats == "pass" and may_roll(controller, model):
+        if controller is not None and epoch < epochs and args.roll_stats == "pass" and controller.may_roll(model):
             stats_pass(model, xs, controller, args.batch_size, autocast)
         record = controller.step(model) if controller is not None and epoch < epochs else {"rolled": False}
         if device.type == "cuda":
@@ -88,10 +88,6 @@ def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on
         if on_epoch is not None:
             on_epoch(epoch, float(total_loss) / len(starts), record, time.perf_counter() - t0)
     return seconds
-
-
-def may_roll(controller, model):
-    return controller.max_rolls is None or int(query_rotation(model).rolls) < controller.max_rolls
 
 
 @torch.no_grad()
@@ -234,8 +230,8 @@ def final_evaluation(model, xs, y, names, test_noise=None):
                                                   u[:, j])
     if test_noise is not None:
         share, noise = attention_shares(model, xs), test_noise.to(xs[0].device)   # (N, M), (N, M) bool
-        final["attention_by_noise"] = {m: {"noise": float(share[noise[:, j], j].mean()),
-                                           "informative": float(share[~noise[:, j], j].mean())}
+        final["attention_by_noise"] = {m: {kind: float(share[picked, j].mean()) if picked.any() else None
+                                           for kind, picked in (("noise", noise[:, j]), ("informative", ~noise[:, j]))}
                                        for j, m in enumerate(names)}
     return final
 
@@ -417,7 +413,7 @@ def run_config(args, model):
 def save_checkpoint(path, model, data_path):
     """The config, the state dict (with the rotation) and where the data came from (None: built-in)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": asdict(model.cfg), "model": model.state_dict(), "data": data_path}, path)
+    torch.save({"config": asdict(model.cfg), "model": model.state_dict(), "data": data_path and str(data_path)}, path)
 
 
 def load_checkpoint(path, data, data_path):
@@ -502,7 +498,8 @@ def build_parser(description=None, out="write DIR/metrics.json", prog=None):
     g.add_argument("--rollingq", action="store_true", help="roll the CLS query (off: vanilla attention fusion)")
     g.add_argument("--fusion", choices=["attention", "concat"], default="attention", help="concat: the static baseline")
     g.add_argument("--fusion-head", choices=["authors", "prenorm"], default="authors",
-                   help="authors: their model (a CLS token per encoder; no norm, no residual around the fusion); "
+                   help="authors: their model (a CLS token per encoder; no norm, no residual around the fusion; their "
+                        "init: xavier_normal weights, zero biases); "
                         "prenorm: mean-pooled encoders, LayerNorm and residual around the fusion")
     g.add_argument("--beta", type=float, default=0.0, help="roll only when |AIR| > beta")
     g.add_argument("--sigma", type=float, default=0.0, help="anchor lean toward the weaker modality (0: bisector)")
@@ -511,8 +508,8 @@ def build_parser(description=None, out="write DIR/metrics.json", prog=None):
                         "none: after every epoch but the last")
     g.add_argument("--roll-stats", choices=["train", "pass"], default="train",
                    help="where the roll's mean keys and query come from: train: the epoch's own training steps (no "
-                        "extra pass); pass: a no-grad eval-mode pass over the training set after the epoch (the "
-                        "authors')")
+                        "extra pass); pass: a no-grad eval-mode pass over the training set after the epoch, as the "
+                        "authors (AIR then from its last batch, theirs from the last training batch)")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout on the fusion attention weights and output "
                    "(default: %(default)s, the authors' value)")
     g = p.add_argument_group("model and training")

@@ -94,19 +94,20 @@ def study(args, device):
     """Every row in every regime of --regimes over --seeds seeds, and the unimodal runs that
     measure the data's premise; prints the premise and the tables per regime, and returns them."""
     cache = Path(args.out) / "runs" if args.out else None
-    regimes, datasets = args.regimes, {0: train.load_data(args, 0)}
+    regimes, first = args.regimes, train.load_data(args, 0)
+    current = {0: first}
     plan = [(regime, row, seed, {**REGIMES[regime], **overrides})
             for regime in regimes for row, overrides in rows_of(regime).items() for seed in range(args.seeds)]
     premise_regimes = [r for r in REGIMES if r in map(unimodal_regime, regimes)]
-    names = datasets[0].names
+    names = first.names
     plan += [(regime, f"unimodal {m}", seed, {**REGIMES[regime], "unimodal": m})
              for regime in premise_regimes for m in names for seed in range(args.seeds)]
     results, flags = {}, set(vars(train.parse_args([])))
     t_start, made = time.perf_counter(), 0
     for i, (regime, row, seed, overrides) in enumerate(plan, 1):
-        if seed not in datasets:                                      # built-in: drawn from the seed
-            datasets[seed] = train.load_data(args, seed)
-        metrics, cached = study_run(args, {**overrides, "seed": seed}, datasets[seed], device, cache, flags)
+        if seed not in current:                                       # built-in: drawn from each seed, one kept
+            current = {seed: first if args.data else train.load_data(args, seed)}   # a --data file: one set
+        metrics, cached = study_run(args, {**overrides, "seed": seed}, current[seed], device, cache, flags)
         results.setdefault(regime, {}).setdefault(row, []).append(metrics)
         made += not cached
         left = (time.perf_counter() - t_start) / max(made, 1) * (len(plan) - i) if made else 0
@@ -222,7 +223,7 @@ def study_tables(rows, names, favoured):
                 lines.append(f"| {row} | " + " | ".join(cell([get(m["final"]) for m in runs]) for _, get in columns) + " |")
         return "\n".join(lines)
 
-    per_seed = [("acc clean", accuracy[0][1]), (f"{favoured} at 1", accuracy[len(levels)][1])]
+    per_seed = [("acc clean", lambda f: f["acc"]["clean"]), (f"{favoured} at 1", lambda f: f["acc"][f"noise:{favoured}"])]
     return {"favoured": favoured, "accuracy": table(accuracy, mean_std), "dynamics": table(dynamics, mean_std),
             "per_seed": table(per_seed, lambda values: " ".join(f"{v:.3f}" for v in values))}
 
