@@ -747,8 +747,11 @@ def _observe_on_rank(rank, store, world, q, k, results):
         rotation, controller = QueryRotation(1, 16), RollingQ()
         share = slice(rank * len(q) // world, (rank + 1) * len(q) // world)   # this rank's half of the batch
         controller.observe(rotation(q[share][:, :, None])[:, :, 0], k[share])
-        record = controller.step(rotation)
-        torch.save({"R": rotation.R, "air": record["air"]}, f"{results}.{rank}")
+        try:
+            record = controller.step(rotation)
+            torch.save({"R": rotation.R, "air": record["air"]}, f"{results}.{rank}")
+        except ValueError as e:
+            torch.save({"error": str(e)}, f"{results}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -764,6 +767,10 @@ def test_two_gloo_ranks_roll_as_one_process_on_the_same_global_batch(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"r.{rank}", weights_only=True)
         assert torch.allclose(got["R"], rotation.R, atol=1e-6) and got["air"] == pytest.approx(record["air"], abs=1e-6)
+    k[-1] = float("nan")                                        # bad keys on rank 1 only: both ranks raise, none hangs
+    mp.spawn(_observe_on_rank, args=(str(tmp_path / "store2"), 2, q, k, str(tmp_path / "bad")), nprocs=2)
+    for rank in range(2):
+        assert "hold NaN or inf" in torch.load(tmp_path / f"bad.{rank}", weights_only=True)["error"]
 
 
 def test_ten_thousand_composed_rolls_stay_orthogonal():
