@@ -114,6 +114,27 @@ def save_npz(data, path, vectors=()):
 
 
 # ----------------------------------------------------------------------------------------
+# Corrupted copies: the noise train.py's final evaluation adds
+
+
+def corrupted(x, level, z):
+    """Corruption level λ of one modality x (N, L, D): x -> μ + sqrt(1 - λ)(x - μ) + sqrt(λ) σ z, with
+    μ, σ its per-position mean and std over the set and z ~ N(0, 1): mean and variance stay, the
+    signal keeps 1 - λ of the variance. λ = 0: clean; λ = 1: replaced by noise. level: a number or
+    (N, 1, 1), one per sample."""
+    mu, sd = x.mean(0, keepdim=True), x.std(0, correction=0, keepdim=True)   # (1, L, D)
+    return mu + (1 - level) ** 0.5 * (x - mu) + level ** 0.5 * sd * z
+
+
+def noise_draws(xs, seed=0):
+    """The noise every model meets: z (N, L_m, D_m) per modality and a quality u ~ U(0, 1) per sample
+    and modality (N, M), from a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    zs = [torch.randn(x.shape, generator=g).to(x.device) for x in xs]
+    return zs, torch.rand(len(xs[0]), len(xs), generator=g).to(xs[0].device)
+
+
+# ----------------------------------------------------------------------------------------
 # Real features from .npz
 
 

@@ -13,7 +13,7 @@ Read top to bottom:
   1. the math, as pure functions: AIR, the anchor, the rotation R;
   2. the model: one Transformer encoder per modality, a fusion attention layer whose CLS
      query is R q (QueryRotation holds R), a classifier on the CLS output and one linear
-     probe per modality;
+     probe per modality; Unimodal, one modality alone;
   3. RollingQ, the controller that gathers statistics during training and rolls the query.
 
 In your own model: keep a QueryRotation in your fusion attention layer (its docstring says
@@ -503,6 +503,24 @@ class MultimodalTransformer(nn.Module):
             y, extra = self.fusion(self.ln(x), stats)         # (B, C)
             logits = self.head(self.ln_f(x[:, 0] + y))        # (B, n_classes)
         return Output(logits, probe_logits, **extra)
+
+
+class Unimodal(nn.Module):
+    """One modality alone: an encoder and a linear head on its feature, the unimodal baseline.
+    encoder: a new one, or one of a MultimodalTransformer's (to train it alone: a warm start)."""
+
+    def __init__(self, cfg: Config, modality, encoder=None):
+        super().__init__()
+        if encoder is None:
+            encoder = Encoder(*cfg.modalities[modality], cfg)
+            if cfg.fusion_head == "authors":                  # as MultimodalTransformer initialises it
+                encoder.apply(authors_init)
+        self.encoder, self.head = encoder, nn.Linear(cfg.d_model, cfg.n_classes)
+        if cfg.fusion_head == "authors":
+            self.head.apply(authors_init)
+
+    def forward(self, xs, stats=False):                       # xs: [(B, L, D)] -> logits (B, n_classes)
+        return Output(self.head(self.encoder.pool(self.encoder(xs[0]))), [])
 
 
 # ----------------------------------------------------------------------------------------

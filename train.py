@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as datasets
-from rollingq import (Config, Encoder, MultimodalTransformer, Output, RollingQ, air_from_cosines, authors_init,
-                      key_gap, leading_modality, modality_cosines)
+from rollingq import (Config, MultimodalTransformer, RollingQ, Unimodal, air_from_cosines, key_gap, leading_modality,
+                      modality_cosines)
 
 # ----------------------------------------------------------------------------------------
 # The training loop
@@ -133,12 +133,13 @@ def bf16_autocast(device):
 
 
 @torch.no_grad()
-def evaluate(model, xs, y, names, batch_size=512):
+def evaluate(model, xs, y, names, batch_size=512, per_sample=False):
     """Accuracy, each probe's accuracy and, for attention fusion, each modality's CLS attention
-    share, AIR (with its leader for M > 2) and the key gap, over the whole set."""
+    share, AIR (with its leader for M > 2) and the key gap, over the whole set. per_sample: also
+    return each sample's attention share per modality, (N, M) (None for concat)."""
     model.eval()
     attention = hasattr(model, "fusion")
-    correct, probe_correct, shares, cos, keys = 0, 0, 0, 0, 0
+    correct, probe_correct, shares, cos, keys = 0, 0, [], 0, 0
     for i in range(0, len(y), batch_size):
         out = model([x[i:i + batch_size] for x in xs], stats=attention)
         yb = y[i:i + batch_size]
@@ -147,7 +148,7 @@ def evaluate(model, xs, y, names, batch_size=512):
             probe_correct += torch.stack([(p.argmax(-1) == yb).sum() for p in out.probe_logits])   # (M,)
         if attention:
             mass = out.attention.float()                              # (B, nh, M)
-            shares += (mass / mass.sum(-1, keepdim=True)).mean(1).sum(0)   # (M,) share among the modalities
+            shares.append((mass / mass.sum(-1, keepdim=True)).mean(1))   # (B, M) share among the modalities
             q, K = out.query.float(), out.key_means.float()           # (B, nh, hs), (B, nh, M, hs)
             cos += modality_cosines(q, K).sum(0)                      # (nh, M)
             keys = keys + K.sum(0)                                    # (nh, M, hs)
@@ -156,45 +157,17 @@ def evaluate(model, xs, y, names, batch_size=512):
     result = {"acc": float(correct) / n}
     if len(names) > 1:
         result["probe_acc"] = {m: float(c) / n for m, c in zip(names, probe_correct)}
+    shares = torch.cat(shares) if attention else None                 # (N, M)
     if attention:
-        result["attention"] = {m: float(s) / n for m, s in zip(names, shares)}
+        result["attention"] = {m: float(s) for m, s in zip(names, shares.mean(0))}
         air = air_from_cosines(cos / n)                               # (nh,) the paper's AIR, per head
         result.update(air_heads=air.tolist(), air=float(air.mean()), key_gap=key_gap(keys / n))
         if len(names) > 2:                                            # whose lead AIR is
             result["air_leader"] = names[int(leading_modality((cos / n).mean(0)))]
-    return result
+    return (result, shares) if per_sample else result
 
 
 NOISE_LEVELS = (0.25, 0.5, 1.0)                                       # corruption levels besides 0 (clean)
-
-
-def corrupted(x, level, z):
-    """Corruption level λ of one modality x (N, L, D): x -> μ + sqrt(1 - λ)(x - μ) + sqrt(λ) σ z, with
-    μ, σ its per-position mean and std over the set and z ~ N(0, 1): mean and variance stay, the
-    signal keeps 1 - λ of the variance. λ = 0: clean; λ = 1: replaced by noise. level: a number or
-    (N, 1, 1), one per sample."""
-    mu, sd = x.mean(0, keepdim=True), x.std(0, correction=0, keepdim=True)   # (1, L, D)
-    return mu + (1 - level) ** 0.5 * (x - mu) + level ** 0.5 * sd * z
-
-
-def noise_draws(xs, seed=0):
-    """The noise every model meets: z (N, L_m, D_m) per modality and a quality u ~ U(0, 1) per sample
-    and modality (N, M), from a fixed seed."""
-    g = torch.Generator().manual_seed(seed)
-    zs = [torch.randn(x.shape, generator=g).to(x.device) for x in xs]
-    return zs, torch.rand(len(xs[0]), len(xs), generator=g).to(xs[0].device)
-
-
-@torch.no_grad()
-def attention_shares(model, xs, batch_size=512):
-    """Each sample's CLS attention share per modality, averaged over the heads: (N, M)."""
-    model.eval()
-    parts = []
-    for i in range(0, len(xs[0]), batch_size):
-        mass = model([x[i:i + batch_size] for x in xs], stats=True).attention.float()   # (B, nh, M)
-        parts.append((mass / mass.sum(-1, keepdim=True)).mean(1))                       # (B, M)
-    model.train()
-    return torch.cat(parts)
 
 
 def pearson(a, b):
@@ -203,34 +176,36 @@ def pearson(a, b):
 
 
 def final_evaluation(model, xs, y, names, test_noise=None):
-    """The test set clean and with each modality corrupted at NOISE_LEVELS (noise:m is level 1,
-    the modality replaced by noise); for attention fusion also the paper's measures of dynamic
-    fusion: per modality, the Pearson r over test samples between its attention share and its
-    quality u (each sample's modality corrupted at level 1 - u, the others clean), and, where the
-    data says which samples were drawn as pure noise in a modality (built-in), its attention share
-    on those samples against the informative ones."""
-    zs, u = noise_draws(xs)
+    """The test set clean and with each modality corrupted at NOISE_LEVELS (data.corrupted;
+    noise:m is level 1, the modality replaced by noise); for attention fusion also the paper's
+    measures of dynamic fusion: per modality, the Pearson r over test samples between its
+    attention share and its quality u (each sample's modality corrupted at level 1 - u, the
+    others clean), and, where the data says which samples were drawn as pure noise in a modality
+    (built-in), its attention share on those samples against the informative ones."""
+    zs, u = datasets.noise_draws(xs)                                  # the same draw for every model
 
     def swap(j, x_j):                                                 # xs with modality j replaced by x_j
         return [x_j if i == j else x for i, x in enumerate(xs)]
-    conditions = {"clean": xs, **{f"noise:{m}": swap(j, corrupted(xs[j], 1.0, zs[j])) for j, m in enumerate(names)}}
-    results = {c: evaluate(model, cxs, y, names) for c, cxs in conditions.items()}
-    final = {**results["clean"], "acc": {c: r["acc"] for c, r in results.items()}}
-    final["acc_by_level"] = {m: {"0": final["acc"]["clean"], **{
-        f"{level:g}": final["acc"][f"noise:{m}"] if level == 1.0 else
-        evaluate(model, swap(j, corrupted(xs[j], level, zs[j])), y, names)["acc"] for level in NOISE_LEVELS}}
-        for j, m in enumerate(names)}
-    if "attention" not in final:
-        return final
-    final["attention"] = {c: r["attention"] for c, r in results.items()}
-    final["attention_quality_r"] = {}
+    clean, shares = evaluate(model, xs, y, names, per_sample=True)    # shares: (N, M)
+    final = {**clean, "acc": {"clean": clean["acc"]}, "acc_by_level": {}}
+    if shares is not None:
+        final.update(attention={"clean": clean["attention"]}, attention_quality_r={})
     for j, m in enumerate(names):
-        level = (1 - u[:, j]).view(-1, 1, 1)                          # (N, 1, 1)
-        final["attention_quality_r"][m] = pearson(attention_shares(model, swap(j, corrupted(xs[j], level, zs[j])))[:, j],
-                                                  u[:, j])
-    if test_noise is not None:
-        share, noise = attention_shares(model, xs), test_noise.to(xs[0].device)   # (N, M), (N, M) bool
-        final["attention_by_noise"] = {m: {kind: float(share[picked, j].mean()) if picked.any() else None
+        final["acc_by_level"][m] = {"0": clean["acc"]}
+        for level in NOISE_LEVELS:
+            r = evaluate(model, swap(j, datasets.corrupted(xs[j], level, zs[j])), y, names)
+            final["acc_by_level"][m][f"{level:g}"] = r["acc"]
+            if level == 1.0:                                          # noise:m, the modality replaced
+                final["acc"][f"noise:{m}"] = r["acc"]
+                if shares is not None:
+                    final["attention"][f"noise:{m}"] = r["attention"]
+        if shares is not None:
+            level = (1 - u[:, j]).view(-1, 1, 1)                      # (N, 1, 1)
+            _, by_quality = evaluate(model, swap(j, datasets.corrupted(xs[j], level, zs[j])), y, names, per_sample=True)
+            final["attention_quality_r"][m] = pearson(by_quality[:, j], u[:, j])
+    if shares is not None and test_noise is not None:
+        noise = test_noise.to(xs[0].device)                           # (N, M) bool
+        final["attention_by_noise"] = {m: {kind: float(shares[picked, j].mean()) if picked.any() else None
                                            for kind, picked in (("noise", noise[:, j]), ("informative", ~noise[:, j]))}
                                        for j, m in enumerate(names)}
     return final
@@ -257,10 +232,7 @@ def run(args, data, device, log=print, on_step=None):
     if args.unimodal:                                                 # the multimodal model's encoder, alone
         cfg = build_config(args, data)
         data = data.select(args.unimodal)
-        encoder = Encoder(*cfg.modalities[args.unimodal], cfg)
-        if cfg.fusion_head == "authors":                              # as MultimodalTransformer initialises it
-            encoder.apply(authors_init)
-        model, trained_on = Unimodal(encoder, cfg), None
+        model, trained_on = Unimodal(cfg, args.unimodal), None
     else:
         model, trained_on = load_checkpoint(args.load, data, args.data) if args.load else \
             (MultimodalTransformer(build_config(args, data)), None)
@@ -318,19 +290,6 @@ def checked(make, *args, **kwargs):
         raise UsageError(f"{e}" + (f" ({', '.join(names)})" if names else "")) from None
 
 
-class Unimodal(nn.Module):
-    """One modality's encoder and a linear head on its feature: --unimodal, and --pretrain-epochs."""
-
-    def __init__(self, encoder, cfg):
-        super().__init__()
-        self.encoder, self.head = encoder, nn.Linear(cfg.d_model, cfg.n_classes)
-        if cfg.fusion_head == "authors":
-            self.head.apply(authors_init)
-
-    def forward(self, xs, stats=False):                               # xs: [(B, L, D)]
-        return Output(self.head(self.encoder.pool(self.encoder(xs[0]))), [])
-
-
 # --pretrain-epochs: each encoder alone first, our stand-in for the paper's ImageNet-21k weights,
 # with a recipe of its own that trains it (--optimizer, --lr, --schedule set the multimodal phase)
 PRETRAIN = {"optimizer": "adamw", "lr": 1e-3, "schedule": "constant"}
@@ -342,7 +301,7 @@ def pretrain(model, xs, y, test_xs, test_y, args, device, log):
     result = {"recipe": {**PRETRAIN, "epochs": args.pretrain_epochs, "batch_size": args.batch_size},
               "train_acc": {}, "test_acc": {}}
     for j, name in enumerate(model.cfg.modalities):
-        solo = Unimodal(model.encoders[j], model.cfg).to(device)
+        solo = Unimodal(model.cfg, name, model.encoders[j]).to(device)
         train(solo, [xs[j]], y, recipe, args.pretrain_epochs, device, log=log)
         result["train_acc"][name] = evaluate(solo, [xs[j]], y, [name])["acc"]
         result["test_acc"][name] = evaluate(solo, [test_xs[j]], test_y, [name])["acc"]

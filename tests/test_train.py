@@ -269,22 +269,6 @@ def test_three_modalities_name_the_leader_of_air():
     assert all(e["air_leader"] in d.names for e in m["epochs"])
 
 
-def test_corruption_keeps_each_modalitys_mean_and_std_and_every_model_meets_the_same_draw():
-    g = torch.Generator().manual_seed(1)                        # not the noise's seed 0
-    x = 3 + 2 * torch.randn(4000, 2, 3, generator=g)           # (N, L, D)
-    zs, u = train.noise_draws([x, x[:, :1]])
-    again = train.noise_draws([x, x[:, :1]])
-    assert all(torch.equal(a, b) for a, b in zip(zs + [u], again[0] + [again[1]]))   # the same draw every time
-    assert u.shape == (4000, 2) and 0 <= float(u.min()) and float(u.max()) <= 1
-    assert torch.allclose(train.corrupted(x, 0.0, zs[0]), x, atol=1e-5)
-    for level in (0.25, 0.5, 1.0):
-        noised = train.corrupted(x, level, zs[0])
-        assert torch.allclose(noised.mean(0), x.mean(0), atol=0.1) and torch.allclose(noised.std(0), x.std(0), atol=0.1)
-        signal = float(torch.corrcoef(torch.stack([noised.flatten(), x.flatten()]))[0, 1]) ** 2
-        assert signal == pytest.approx(1 - level, abs=0.02)     # the signal keeps 1 - level of the variance
-    assert torch.equal(train.corrupted(x, 1.0, zs[0]), x.mean(0, keepdim=True) + x.std(0, correction=0, keepdim=True) * zs[0])
-
-
 def test_metrics_hold_the_papers_measures_of_dynamic_fusion(tiny_npz):
     d = datasets.load_npz(tiny_npz)
     d.test_noise = torch.rand(len(d.test_y), 2) < 0.3          # as synthetic() gives it
