@@ -1,6 +1,9 @@
-"""Data in, tensors out: built-in synthetic multimodal data, and real features from one .npz.
+"""Data in, tensors out: the sets in the box, by name, and your own features from one .npz.
 
-Both give a `Data`: per modality a float32 tensor (N, L_m, D_m) for train and test, and
+    avdigits    real spoken digits paired with real handwritten digits (datasets/README.md)
+    synthetic   built-in synthetic data, drawn from a seed
+
+Each gives a `Data`: per modality a float32 tensor (N, L_m, D_m) for train and test, and
 integer labels (N,). Bad input raises DataError with a one-line message a user can act on.
 """
 
@@ -66,7 +69,7 @@ class Modality:
 # class signal is plain (linear), visual's carries a random sign per sample (non-linear) and is
 # spread over twice as many weaker tokens. Each is drawn as pure noise for 30 % of the samples;
 # where both were, one is restored, so each ends up noise on about 25.5 %, never both.
-# README ("Does it reproduce?") measures these properties.
+# docs/reproduction.md measures these properties.
 DEFAULT_MODALITIES = (Modality("audio", 8, 16, 1.0, 0.3), Modality("visual", 16, 16, 0.7, 0.3, flip=True))
 
 
@@ -111,6 +114,41 @@ def save_npz(data, path, vectors=()):
             tr, te = tr.flatten(1), te.flatten(1)
         arrays[f"train_{m}"], arrays[f"test_{m}"] = tr.numpy(), te.numpy()
     np.savez(path, **arrays)
+
+
+# ----------------------------------------------------------------------------------------
+# The sets in the box, by name
+
+AVDIGITS = Path(__file__).resolve().parent / "datasets" / "avdigits.npz"
+
+
+def avdigits(seed=0):
+    """AV digits (built by experiments/avdigits.py from FSDD and MNIST): audio (16, 64) and
+    visual (16, 49) tokens, 2400 train / 600 test samples, 10 digits. Seed 0: the file's pairing;
+    another seed pairs each recording with another image of the same digit (in each split),
+    so that seeds vary the pairing as they vary the initialisation."""
+    data = load_npz(AVDIGITS)
+    if seed:
+        g = np.random.default_rng(seed)
+        for xs, y in ((data.train_x, data.train_y), (data.test_x, data.test_y)):
+            order = torch.arange(len(y))                                  # (N,) which image each sample takes
+            for digit in range(data.n_classes):
+                where = torch.nonzero(y == digit)[:, 0]
+                order[where] = where[torch.from_numpy(g.permutation(len(where)))]
+            xs[1] = xs[1][order]                                          # the visual modality, re-paired
+    return data
+
+
+NAMED = {"avdigits": avdigits, "synthetic": synthetic}
+
+
+def load(name, seed=0, **synthetic_size):
+    """A set in the box by name (drawn from `seed`), or your features from an .npz path."""
+    if name in NAMED:
+        return synthetic(seed, **synthetic_size) if name == "synthetic" else NAMED[name](seed)
+    if not Path(name).exists() and Path(name).suffix != ".npz":
+        raise DataError(f"--data {name}: neither a set in the box ({', '.join(NAMED)}) nor a file")
+    return load_npz(name)
 
 
 # ----------------------------------------------------------------------------------------

@@ -4,35 +4,25 @@ Reference: H. Ni, Y. Wei, H. Liu, G. Chen, C. Peng, H. Lin, D. Hu, "RollingQ: Re
 Cooperation Dynamics in Multimodal Transformer", ICML 2025, arXiv:2506.11465. The authors'
 code is GeWu-Lab/RollingQ_ICML2025; this file is an independent implementation.
 
-The finding: in attention fusion the CLS query drifts toward the keys of one modality, that
-modality gets most of the attention and so most of the gradient, learns faster, and its keys
-align further with the query. RollingQ breaks this cycle: once per epoch it rotates the CLS
-query onto an anchor between the modalities' mean keys.
+The finding: in attention fusion the CLS query drifts toward the keys of one modality, which
+then gets most of the attention and the gradient, learns faster, and pulls the query further.
+RollingQ breaks the cycle: once per epoch it rotates the CLS query onto an anchor between the
+modalities' mean keys.
 
-Read top to bottom:
-  1. the math, as pure functions: AIR, the anchor, the rotation R;
-  2. the model: one Transformer encoder per modality, a fusion attention layer whose CLS
-     query is R q (QueryRotation holds R), a classifier on the CLS output and one linear
-     probe per modality; Unimodal, one modality alone;
-  3. RollingQ, the controller that gathers statistics during training and rolls the query.
+Read top to bottom: 1. the method in the paper's order (AIR, the anchor, the rotation R,
+QueryRotation that applies R inside an attention layer, RollingQ that observes and rolls);
+2. the checks the method calls; 3. the model (an encoder per modality, FusionAttention).
+In your own model: a QueryRotation in your fusion layer (its docstring is the contract) and
+a RollingQ beside the training loop. Depends on torch only: copy this file.
 
-In your own model: keep a QueryRotation in your fusion attention layer (its docstring says
-the three things RollingQ needs) and a RollingQ beside the training loop.
-
-Notation (per fusion head; with nh heads, each head has its own of everything):
-  M           modalities, m = 1..M; modality m has L_m tokens of D_m features, and T_m
-              tokens as it leaves its encoder (L_m + 1 with the encoder's own CLS token)
-  B, T, C     batch size, tokens in the fusion layer (T = 1 + sum_m T_m), model width
-  nh, hs      fusion heads and the width of one head (hs = C / nh)
-  q           the CLS query of one sample in the fusion layer, (hs,)
-  k̄_m(x)      the mean key of modality m's T_m tokens for sample x, (hs,)
-  q̄, K̄_m      q and k̄_m(x) averaged over a set of samples; K̄ stacks the K̄_m, (M, hs)
-  k̂_m         the unit mean key K̄_m / |K̄_m|
-  AIR         the attention imbalance rate, mean_x [cos(q, k̄_a(x)) - cos(q, k̄_v(x))]
-  t           the anchor the mean query is rolled onto
-  R           the rotation applied to the CLS query: the layer uses R q instead of q
-
-Depends on torch only: copy this file into your project.
+Notation (per fusion head; each of nh heads has its own of everything):
+  M, m        modalities; modality m has T_m tokens as it leaves its encoder
+  B, T, C     batch, tokens in the fusion layer (1 + sum_m T_m), width; hs = C / nh
+  q           the CLS query of a sample in the fusion layer, (hs,)
+  k̄_m(x)      the mean key of modality m's tokens for sample x, (hs,)
+  q̄, K̄_m      their means over samples; k̂_m = K̄_m / |K̄_m| the unit mean key
+  AIR         attention imbalance rate, mean_x [cos(q, k̄_a(x)) - cos(q, k̄_v(x))]
+  t, R        the anchor the mean query is rolled onto; the rotation: the layer uses R q
 """
 
 import math
@@ -44,54 +34,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------
-# 1. The math
+# 1. The method
 
 
 def modality_cosines(query, key_means):
-    """cos(q, k̄_m) for each modality m: query (..., d), key_means (..., M, d) -> (..., M)."""
+    """cos(q, k̄_m) for each modality m: query (..., hs), key_means (..., M, hs) -> (..., M)."""
     return F.cosine_similarity(query.unsqueeze(-2), key_means, dim=-1)
 
 
-def modality_leads(cosines):
-    """Each modality's cosine lead over the mean of the others: (..., M) -> (..., M).
+def attention_imbalance_rate(cos):
+    """The paper's AIR (Sec. 3) from cos (..., M): cos(q, k̄_m(x)) averaged over samples x,
+    e.g. modality_cosines(query, key_means).mean(0). Returns (...): one AIR per head, say.
 
-    lead_m = cos_m - mean_{j != m} cos_j. For M = 2, lead_0 = cos_0 - cos_1 is the paper's AIR.
-    """
-    M = cosines.shape[-1]
-    total = cosines.sum(-1, keepdim=True)
-    return cosines - (total - cosines) / (M - 1)
-
-
-def air_from_cosines(cosines):
-    """AIR from per-modality cosines already averaged over samples: (..., M) -> (...).
-
-    M = 2: cos_0 - cos_1 (> 0: the first modality is favoured, < 0: the second).
-    M > 2: the largest lead (always >= 0); leading_modality() says whose it is.
-    """
-    if cosines.shape[-1] == 2:
-        return cosines[..., 0] - cosines[..., 1]
-    return modality_leads(cosines).max(-1).values
+    M = 2: > 0 the first modality is favoured, < 0 the second. M > 2: the largest lead (>= 0)."""
+    # AIR = mean_x [cos(q, k̄_a(x)) - cos(q, k̄_v(x))] = cos_a - cos_v, the means taken first
+    if cos.shape[-1] == 2:
+        return cos[..., 0] - cos[..., 1]
+    return modality_leads(cos).max(-1).values
 
 
-def leading_modality(cosines):
-    """Index of the favoured modality, the one with the largest lead: (..., M) -> (...)."""
-    return modality_leads(cosines).argmax(-1)
-
-
-def attention_imbalance_rate(query, key_means):
-    """Attention Imbalance Rate over a set of samples (paper, Sec. 3).
-
-    query (N, ..., hs): the CLS query of each sample; key_means (N, ..., M, hs): the mean key of
-    each modality's tokens for each sample. Returns (...): one AIR per head, say.
-    """
-    # AIR = mean_x [ cos(q, k̄_a(x)) - cos(q, k̄_v(x)) ]: the mean of per-sample cosines
-    return air_from_cosines(modality_cosines(query, key_means).mean(0))
+def modality_leads(cos):
+    """Each modality's lead over the mean of the others, (..., M) -> (..., M); they sum to 0.
+    For M = 2 the leads are (AIR, -AIR)."""
+    M = cos.shape[-1]
+    return cos - (cos.sum(-1, keepdim=True) - cos) / (M - 1)
 
 
 def key_gap(key_means):
-    """The key distribution gap: 1 - cos between two modalities' mean keys, averaged over the
-    pairs of modalities and the heads. key_means (nh, M, hs) -> float: 0 when the modalities'
-    keys point the same way, up to 2 when they point opposite ways."""
+    """The key distribution gap: 1 - cos between two modalities' mean keys, averaged over pairs
+    and heads. key_means (nh, M, hs) -> float, 0 (same direction) to 2 (opposite)."""
     K = F.normalize(key_means, dim=-1)                                    # (nh, M, hs) unit mean keys
     sim = K @ K.transpose(-1, -2)                                         # (nh, M, M)
     pairs = torch.triu_indices(sim.shape[-1], sim.shape[-1], offset=1)
@@ -102,96 +73,290 @@ class NoAnchor(ValueError):
     """The mean keys point opposite ways, so the weighted sum of them is zero: no anchor t."""
 
 
-def rolling_target(query_mean, key_means, sigma=0.0, cosines=None):
-    """The anchor t the mean query is rolled onto: query_mean q̄ (hs,), key_means K̄ (M, hs) -> (hs,).
+def rolling_target(query_mean, key_means, air, sigma=0.0):
+    """The anchor t the mean query is rolled onto: q̄ (hs,), K̄ (M, hs) -> t (hs,), |t| = |q̄|.
 
-    c (M,): `cosines`, the per-sample cosines averaged over samples, whose difference is the
-    paper's AIR (RollingQ.step passes them); without them, c_m = cos(q̄, K̄_m), the cosines of
-    the means. M = 2 is the paper's formula as written; M > 2: equiangular_anchor, which for
-    M = 2 gives the same anchor (tested). sigma > 0 leans toward the less-attended modality.
-    """
-    if query_mean.dim() != 1 or key_means.dim() != 2 or key_means.shape[1] != query_mean.shape[0]:
-        raise ValueError(f"rolling_target expects query_mean (hs,) and key_means (M, hs); "
-                         f"got {tuple(query_mean.shape)} and {tuple(key_means.shape)}")
-    if key_means.shape[0] < 2:
-        raise ValueError(f"rolling_target needs at least 2 modalities, got {key_means.shape[0]}")
-    q_bar = query_mean.double()                               # (hs,)
-    K_bar = key_means.double()                                # (M, hs)
-    if q_bar.norm() == 0 or (K_bar.norm(dim=1) == 0).any():
-        raise ValueError("rolling_target got a zero vector: the query and mean keys must be non-zero")
-    k_hat = F.normalize(K_bar, dim=1)                         # (M, hs) unit mean keys
-    c = modality_cosines(q_bar, K_bar) if cosines is None else cosines.double()   # (M,)
-    if len(c) == 2:
-        # paper: alpha = (1 + tanh(-sigma * AIR)) / 2, t = alpha k̂_a + (1 - alpha) k̂_v
-        air = c[0] - c[1]
+    air: the AIR the anchor leans by, attention_imbalance_rate's value for M = 2; for M > 2
+    each modality's lead (M,), modality_leads (AIR is the largest). sigma = 0: no lean."""
+    check_target(query_mean, key_means, air)
+    q_bar, k_hat = query_mean.double(), F.normalize(key_means.double(), dim=1)   # (hs,), (M, hs)
+    air = torch.as_tensor(air, dtype=torch.float64, device=q_bar.device)
+    if len(k_hat) == 2:
+        # alpha = (1 + tanh(-sigma * AIR)) / 2;  t = alpha k̂_a + (1 - alpha) k̂_v
         alpha = (1 + torch.tanh(-sigma * air)) / 2
-        t = alpha * k_hat[0] + (1 - alpha) * k_hat[1]         # (hs,)
+        t = alpha * k_hat[0] + (1 - alpha) * k_hat[1]                    # (hs,)
     else:
-        t = equiangular_anchor(k_hat, c, sigma)               # (hs,)
+        t = equiangular_anchor(k_hat, air, sigma)                        # (hs,)
     if t.norm() <= 1e-12:
         raise NoAnchor("rolling_target: the mean keys cancel out (opposite directions), there is no anchor")
-    # |t| = |q̄|: the roll turns the query, it does not rescale it
+    # rescaled to |q̄|: the roll turns the query, it does not stretch it
     return (t * (q_bar.norm() / t.norm())).to(query_mean.dtype)
 
 
-def equiangular_anchor(k_hat, cosines, sigma=0.0):
-    """The anchor's direction for any number of modalities: k_hat (M, hs) unit mean keys,
-    cosines c (M,) -> (hs,), t = sum_m w_m lambda_m k̂_m (not rescaled).
-
-    w = softmax(-2 sigma c) generalises alpha: for M = 2, w_a = sigmoid(-2 sigma (c_a - c_v))
-    = (1 + tanh(-sigma * AIR)) / 2. lambda = G⁺1, with G = K̂ K̂ᵀ the Gram matrix of the unit
-    mean keys, makes sum_m lambda_m k̂_m the equiangular vector, equally close to every k̂_m
-    (for M = 2, lambda_a = lambda_v: t is the paper's anchor up to its length).
-    """
-    # w = softmax(-2 sigma c); for M = 2, w_a = alpha
-    w = torch.softmax(-2.0 * sigma * cosines.to(k_hat.dtype), dim=0)   # (M,)
-    # lambda = G⁺1: k̂_m · (sum_j lambda_j k̂_j) = (G lambda)_m = 1 for every m
-    gram = k_hat @ k_hat.T                                    # (M, M)
-    lam = torch.linalg.pinv(gram) @ torch.ones_like(w)        # (M,)
-    return ((w * lam)[:, None] * k_hat).sum(0)                # (hs,)
+def equiangular_anchor(k_hat, leads, sigma=0.0):
+    """The anchor's direction for M modalities (not rescaled): k_hat (M, hs), leads (M,) -> (hs,).
+    t = sum_m w_m lambda_m k̂_m; for M = 2 it is the paper's anchor up to its length (tested)."""
+    M = len(k_hat)
+    # w = softmax(-2 sigma c), c_m = cos(q, K̄_m); c = (M-1)/M lead + a constant the softmax drops.
+    # For M = 2, w_a = sigmoid(-2 sigma AIR) = alpha.
+    w = torch.softmax(-2.0 * sigma * (M - 1) / M * leads.to(k_hat.dtype), dim=0)   # (M,)
+    # lambda = G⁺1 with G = K̂ K̂ᵀ: k̂_m · sum_j lambda_j k̂_j = 1 for every m, equally close to all
+    lam = torch.linalg.pinv(k_hat @ k_hat.T) @ torch.ones_like(w)        # (M,)
+    return ((w * lam)[:, None] * k_hat).sum(0)                           # (hs,)
 
 
 def rotation_matrix(src, dst):
-    """The proper rotation R (d, d) with R src/|src| = dst/|dst| that is the identity on every
-    vector orthogonal to both: the rotation in the plane span{src, dst}.
-
-    Not the authors' SVD of dst srcᵀ: that also maps src onto dst, but fixes the rest of the
-    space arbitrarily and costs O(d³); the plane rotation is unique and costs O(d²).
-    Computed in float64, returned in src's dtype.
-    """
-    if src.dim() != 1 or src.shape != dst.shape:
-        raise ValueError(f"rotation_matrix expects two vectors of the same length d; "
-                         f"got shapes {tuple(src.shape)} and {tuple(dst.shape)}")
-    d = src.shape[0]
-    if d < 2:
-        raise ValueError(f"rotation_matrix needs d >= 2 to rotate, got d = {d}")
-    x, y = src.double(), dst.double()
-    if x.norm() == 0 or y.norm() == 0:
-        raise ValueError("rotation_matrix got a zero vector: it has no direction to rotate")
-    u = x / x.norm()                                          # (d,) unit source
-    v = y / y.norm()                                          # (d,) unit target
+    """The rotation R (d, d), orthogonal with det +1, with R src/|src| = dst/|dst| and the identity
+    on every vector orthogonal to both: the rotation in the plane span{src, dst}. In float64,
+    returned in src's dtype. (The authors use an SVD of dst srcᵀ: it maps src onto dst too,
+    but fixes the rest of the space arbitrarily, at O(d³); this one is unique and O(d²).)"""
+    check_rotation(src, dst)
+    u, v = F.normalize(src.double(), dim=0), F.normalize(dst.double(), dim=0)   # (d,) unit vectors
+    eye = torch.eye(len(u), dtype=torch.float64, device=src.device)
     cos_theta = (u @ v).clamp(-1.0, 1.0)
-    p = v - cos_theta * u                                     # (d,) in the plane, orthogonal to u
+    p = v - cos_theta * u                                                # (d,) in the plane, orthogonal to u
     sin_theta = p.norm()
-    eye = torch.eye(d, dtype=torch.float64, device=src.device)
     if sin_theta <= 1e-12:
-        if cos_theta > 0:                                     # parallel: nothing to do
+        if cos_theta > 0:                                                # parallel: nothing to do
             return eye.to(src.dtype)
-        # antipodal: any plane through u will do; take the axis least aligned with u
-        i = u.abs().argmin()
-        p = eye[i] - u[i] * u
-        sin_theta = torch.zeros((), dtype=torch.float64, device=src.device)
-        cos_theta = -torch.ones((), dtype=torch.float64, device=src.device)
-    p = p - (p @ u) * u                                       # re-orthogonalise against u
-    p = p / p.norm()                                          # (d,) unit, orthogonal to u
+        i = u.abs().argmin()                                             # antipodal: any plane through u will do
+        p, sin_theta, cos_theta = eye[i] - u[i] * u, 0 * sin_theta, -torch.ones_like(cos_theta)
+    p = F.normalize(p - (p @ u) * u, dim=0)                              # (d,) unit, orthogonal to u
     # R = I + (cos θ - 1)(u uᵀ + p pᵀ) + sin θ (p uᵀ - u pᵀ), so R u = cos θ u + sin θ p = v
     R = (eye + (cos_theta - 1) * (torch.outer(u, u) + torch.outer(p, p))
          + sin_theta * (torch.outer(p, u) - torch.outer(u, p)))
     return R.to(src.dtype)
 
 
+class QueryRotation(nn.Module):
+    """RollingQ's state inside an attention layer: R (nh, hs, hs), the rotation of the CLS query.
+
+    The contract, for your own attention layer:
+      1. it holds a QueryRotation(n_heads, head_size);
+      2. it attends with the rotated CLS query, q_cls = rotation(q_cls), (B, nh, 1, hs), the
+         CLS row only (a layer that computes every token's query rotates q[:, :, :1] and
+         concatenates the rest back);
+      3. RollingQ.observe gets that rotated query, (B, nh, hs), and each modality's mean key,
+         (B, nh, M, hs), from one forward pass: every training step, or only some (one of two
+         forwards, some micro-batches of an accumulated step). After a roll, the unrotated q
+         is refused: the rotation remembers a fingerprint of the rows it returned (each row's
+         first coordinate, the last 65,536 rows) and step() checks the observed rows are among them.
+    Key bias: a pretrained block reused as the fusion layer may have one. It adds q·b_k to
+    every logit of the CLS row alike, which the softmax ignores, but it shifts every key, and
+    with them the cosines AIR and the anchor are read from: zero it (no attention weight
+    changes) or give observe the mean keys without it. (The authors' key bias starts at zero.)
+    Several fusion layers: one QueryRotation in each, and one RollingQ per layer, stepping
+    that layer: RollingQ.step(model.fusion_a), another RollingQ.step(model.fusion_b).
+    R and the roll count are buffers, in state_dict() and never trained (the authors keep the
+    count outside it, so a reloaded model of theirs skips its roll); R stays float32 (or
+    float64) when the model is cast to bf16 or fp16. Tested eager, under DDP and torch.compile.
+    """
+
+    def __init__(self, n_heads, head_size, remember=65536):
+        super().__init__()
+        self.register_buffer("R", torch.eye(head_size).repeat(n_heads, 1, 1))   # (nh, hs, hs)
+        self.register_buffer("rolls", torch.zeros((), dtype=torch.long))
+        # not buffers: each DDP rank keeps its own (a buffer would be rank 0's copy)
+        self.returned = torch.full((remember,), math.nan)                # fingerprints of returned rows
+        self.n_returned = torch.zeros((), dtype=torch.long)              # rows returned since the last roll
+
+    def forward(self, q):                                                # q: (B, nh, 1, hs) -> R q
+        check_cls_query(q, self.R)
+        # (R q)ᵀ = qᵀ Rᵀ, in float32 even under autocast
+        with torch.autocast(q.device.type, enabled=False):
+            out = (q.float() @ self.R.float().transpose(-1, -2)).to(q.dtype)   # (B, nh, 1, hs)
+        rows = out.detach()[..., 0].float().flatten()                    # (B nh,) each row's first coordinate
+        slots = (self.n_returned + torch.arange(len(rows), device=rows.device)) % len(self.returned)
+        self.returned[slots] = rows
+        self.n_returned += len(rows)
+        return out
+
+    @torch.no_grad()
+    def roll(self, rotations):
+        """Compose new rotations {head: R_new (hs, hs)} into those heads: R <- R_new R (float64)."""
+        for h, R_new in rotations.items():
+            self.R[h] = (R_new.double() @ self.R[h].double()).to(self.R.dtype)
+        self.rolls += 1
+        self.returned.fill_(math.nan)                                    # what it returned before is stale
+        self.n_returned.zero_()
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.half() would round R to 8 bits of mantissa: keep R float32 or better, and move
+        # the fingerprints with it
+        R = self.R
+        super()._apply(fn, *args, **kwargs)
+        if self.R.dtype not in (torch.float32, torch.float64):
+            self.R = R.to(self.R.device)
+        self.returned, self.n_returned = self.returned.to(self.R.device), self.n_returned.to(self.R.device)
+        return self
+
+
+class RollingQ:
+    """Rolls the CLS query of a model's fusion attention (paper, Algorithm 1).
+
+    observe() every training step (or some, see QueryRotation); step() at the end of each epoch
+    but the last. No extra pass over the data: the means come from the training steps
+    themselves. (The authors take them from an extra pass after the epoch; our keys lag the
+    model by up to an epoch.) Under torch.distributed the statistics are summed over ranks, so
+    every rank rolls alike. Defaults are the authors': beta 0, sigma 0, one roll."""
+
+    def __init__(self, beta=0.0, sigma=0.0, max_rolls=1):
+        """beta: AIR threshold; sigma: the anchor's lean; max_rolls: r_time (None: no limit)."""
+        check_settings(beta, sigma, max_rolls)
+        self.beta, self.sigma, self.max_rolls = beta, sigma, max_rolls
+        self.reset()
+
+    def reset(self):
+        # samples, the sum of k̄_m(x) over the epoch (nh, M, hs), and (q, k̄) of the last observed batch
+        self.n, self.key_sum, self.last_batch = 0, None, None
+
+    @torch.no_grad()
+    def observe(self, query, key_means):
+        """query (B, nh, hs): the rotated CLS query R q; key_means (B, nh, M, hs): each
+        modality's mean key. Keeps running sums on the device: no host-device sync."""
+        check_observed(query, key_means)
+        q, k_bar = query.detach().float(), key_means.detach().float()    # (B, nh, hs), (B, nh, M, hs)
+        self.last_batch = (q, k_bar)
+        self.n += len(k_bar)
+        self.key_sum = k_bar.sum(0) if self.key_sum is None else self.key_sum + k_bar.sum(0)
+
+    def may_roll(self, model):
+        """Whether max_rolls still allows a roll of model's QueryRotation."""
+        return self.max_rolls is None or int(query_rotation(model).rolls) < self.max_rolls
+
+    @torch.no_grad()
+    def step(self, model):
+        """End of an epoch: roll each head whose AIR passes the roll condition; returns a record.
+        model: a module that holds one QueryRotation (the layer, a model, a DDP or compile wrapper)."""
+        rotation = query_rotation(model)
+        q, k_bar = check_step(self, rotation)                            # (B, nh, hs), (B, nh, M, hs)
+        # the last batch's query and per-sample cosines, the epoch's keys, summed over ranks
+        q_sum, cos_sum, n_last, key_sum, n = sum_over_ranks(
+            q.sum(0), modality_cosines(q, k_bar).sum(0), len(q), self.key_sum, self.n)
+        q_bar = q_sum / n_last                       # (nh, hs) the last batch's mean query: the one in use now
+        K_bar = key_sum / n                          # (nh, M, hs) the epoch's mean keys
+        # AIR of the last batch, as the authors take it: mean_x [cos(q, k̄_a(x)) - cos(q, k̄_v(x))]
+        cos = cos_sum / n_last                       # (nh, M)
+        air = attention_imbalance_rate(cos)          # (nh,)
+        lean = air if cos.shape[-1] == 2 else modality_leads(cos)
+        rotations, skipped = {}, []
+        for h in range(len(air)):
+            # the roll condition: |AIR| > beta and fewer than r_time rolls so far
+            if abs(float(air[h])) <= self.beta or not self.may_roll(rotation):
+                continue
+            try:
+                t = rolling_target(q_bar[h], K_bar[h], lean[h], self.sigma)   # the anchor
+            except NoAnchor:                         # opposite mean keys: this head waits
+                skipped.append(h)
+                continue
+            rotations[h] = rotation_matrix(q_bar[h], t)                  # R_new q̄ = t
+        if rotations:
+            rotation.roll(rotations)                 # R <- R_new R
+        self.reset()
+        return {"air": air.tolist(), "rolled": bool(rotations), "rolls": int(rotation.rolls),
+                "heads": list(rotations), "skipped": skipped}
+
+
 # ----------------------------------------------------------------------------------------
-# 2. The model
+# 2. The checks, and the plumbing the method calls
+
+
+def query_rotation(model):
+    """The one QueryRotation that `model` holds, found by type (inside DDP and compile wrappers too)."""
+    found = [m for m in model.modules() if isinstance(m, QueryRotation)] if isinstance(model, nn.Module) else []
+    if len(found) != 1:
+        raise ValueError(f"RollingQ.step needs a module that holds exactly one QueryRotation (with several fusion "
+                         f"layers, one RollingQ per layer, each stepping its layer); got a {type(model).__name__} "
+                         f"with {len(found)}")
+    return found[0]
+
+
+def sum_over_ranks(*values):
+    """Each tensor or number summed over torch.distributed's ranks (as is without it), in one
+    all_reduce of one flat buffer; returns float32 tensors of the same shapes, in order."""
+    parts = [torch.as_tensor(v, dtype=torch.float32).to(values[0].device).reshape(-1) for v in values]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        flat = torch.cat(parts)
+        torch.distributed.all_reduce(flat)
+        parts = flat.split([p.numel() for p in parts])
+    return [p.view_as(torch.as_tensor(v)) for p, v in zip(parts, values)]
+
+
+def check_target(query_mean, key_means, air):
+    q, K, air = query_mean, key_means, torch.as_tensor(air)
+    if q.dim() != 1 or K.dim() != 2 or K.shape[1] != q.shape[0]:
+        raise ValueError(f"rolling_target expects query_mean (hs,) and key_means (M, hs); got {tuple(q.shape)} and "
+                         f"{tuple(K.shape)}")
+    if len(K) < 2:
+        raise ValueError(f"rolling_target needs at least 2 modalities, got {len(K)}")
+    if air.numel() != (1 if len(K) == 2 else len(K)):
+        raise ValueError(f"rolling_target leans by the AIR: a number for 2 modalities, each modality's lead "
+                         f"(modality_leads, shape ({len(K)},)) for {len(K)}; got shape {tuple(air.shape)}")
+    if q.norm() == 0 or (K.norm(dim=1) == 0).any():
+        raise ValueError("rolling_target got a zero vector: the query and mean keys must be non-zero")
+
+
+def check_rotation(src, dst):
+    if src.dim() != 1 or src.shape != dst.shape:
+        raise ValueError(f"rotation_matrix expects two vectors of the same length d; "
+                         f"got shapes {tuple(src.shape)} and {tuple(dst.shape)}")
+    if len(src) < 2:
+        raise ValueError(f"rotation_matrix needs d >= 2 to rotate, got d = {len(src)}")
+    if src.norm() == 0 or dst.norm() == 0:
+        raise ValueError("rotation_matrix got a zero vector: it has no direction to rotate")
+
+
+def check_cls_query(q, R):
+    nh, hs = R.shape[0], R.shape[2]
+    if q.dim() != 4 or tuple(q.shape[1:]) != (nh, 1, hs):
+        raise ValueError(f"QueryRotation rotates the CLS query (B, {nh}, 1, {hs}), got {tuple(q.shape)}; for "
+                         f"every token's query (B, nh, T, hs) rotate the CLS row alone: "
+                         f"torch.cat([rotation(q[:, :, :1]), q[:, :, 1:]], 2)")
+
+
+def check_settings(beta, sigma, max_rolls):
+    if not (0 <= beta < math.inf and 0 <= sigma < math.inf) or (max_rolls is not None and max_rolls < 0):
+        raise ValueError(f"RollingQ needs finite beta >= 0, finite sigma >= 0 and max_rolls >= 0 (or None); "
+                         f"got beta {beta}, sigma {sigma}, max_rolls {max_rolls}")
+
+
+def check_observed(query, key_means):
+    if query is None or key_means is None:
+        raise ValueError("RollingQ.observe needs the CLS query and the mean keys: the output of model(xs, stats=True)")
+    if query.dim() != 3 or key_means.dim() != 4 or key_means.shape[:2] + key_means.shape[3:] != query.shape:
+        raise ValueError(f"RollingQ.observe expects query (B, nh, hs) and key_means (B, nh, M, hs); "
+                         f"got {tuple(query.shape)} and {tuple(key_means.shape)}")
+    if key_means.shape[2] < 2:
+        raise ValueError(f"RollingQ.observe needs the mean keys of at least 2 modalities, got {key_means.shape[2]}")
+
+
+def check_step(controller, rotation):
+    """The last observed batch, once it is known to fit the rotation, to be finite and to be
+    rows the rotation returned; every rank raises together (one rank raising alone would hang
+    the others in the next collective)."""
+    if controller.last_batch is None:
+        raise ValueError("RollingQ.step: observe() saw no batch since the last step")
+    q, k_bar = controller.last_batch                                     # (B, nh, hs), (B, nh, M, hs)
+    nh, hs = rotation.R.shape[:2]
+    if q.shape[1:] != (nh, hs):
+        raise ValueError(f"RollingQ observed queries of {q.shape[1]} head(s) of width {q.shape[2]}, but the "
+                         f"QueryRotation it found has {nh} head(s) of width {hs}")
+    if int(rotation.rolls) == 0 and int(rotation.n_returned) == 0:
+        raise ValueError("RollingQ.step: the QueryRotation was never applied; the attention layer must attend "
+                         "with q_cls = rotation(q_cls)")
+    finite = all(bool(torch.isfinite(x).all()) for x in (q, k_bar, controller.key_sum))
+    returned = bool(torch.isin(q[..., 0].flatten().to(rotation.returned.device), rotation.returned).all())
+    nonfinite, unrotated = sum_over_ranks(q.new_tensor([not finite, not returned]))[0]
+    if nonfinite:
+        raise ValueError("RollingQ.step: the observed query or mean keys hold NaN or inf")
+    if unrotated:
+        raise ValueError("RollingQ.step: the observed query is not one the QueryRotation returned since its last "
+                         "roll; observe the rotated query R q the layer attends with, not q")
+    return q, k_bar
+
+
+# ----------------------------------------------------------------------------------------
+# 3. The model
 
 
 @dataclass
@@ -209,57 +374,49 @@ class Config:
 
     def __post_init__(self):
         self.modalities = {str(m): (int(L), int(D)) for m, (L, D) in dict(self.modalities).items()}
-        if len(self.modalities) < 2:
-            raise ValueError(f"a multimodal model needs at least 2 modalities, got {len(self.modalities)}")
-        if any(L < 1 or D < 1 for L, D in self.modalities.values()):
-            raise ValueError(f"every modality needs at least 1 token and 1 feature: {self.modalities}")
-        if self.n_classes < 2:
-            raise ValueError(f"n_classes must be at least 2 to classify, got {self.n_classes}")
-        for name in ("d_model", "n_layers", "n_heads", "fusion_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.fusion not in ("attention", "concat"):
-            raise ValueError(f"fusion must be 'attention' or 'concat', got {self.fusion!r}")
-        if self.fusion_head not in ("authors", "prenorm"):
-            raise ValueError(f"fusion_head must be 'authors' or 'prenorm', got {self.fusion_head!r}")
-        for name in ("n_heads", "fusion_heads"):
-            if self.d_model % getattr(self, name) != 0:
-                raise ValueError(f"d_model = {self.d_model} must be divisible by {name} = {getattr(self, name)}")
-        if self.fusion == "attention" and self.d_model // self.fusion_heads < max(2, len(self.modalities)):
-            raise ValueError(f"the fusion heads need width d_model / fusion_heads >= 2 to rotate, and >= the number "
-                             f"of modalities ({len(self.modalities)}) for an anchor equally close to every mean key; "
-                             f"got {self.d_model} / {self.fusion_heads}")
-        for name in ("dropout", "fusion_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        check_config(self)
+
+
+def check_config(cfg):
+    M = len(cfg.modalities)
+    if M < 2:
+        raise ValueError(f"a multimodal model needs at least 2 modalities, got {M}")
+    if any(L < 1 or D < 1 for L, D in cfg.modalities.values()):
+        raise ValueError(f"every modality needs at least 1 token and 1 feature: {cfg.modalities}")
+    if cfg.n_classes < 2:
+        raise ValueError(f"n_classes must be at least 2 to classify, got {cfg.n_classes}")
+    for name in ("d_model", "n_layers", "n_heads", "fusion_heads"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name, allowed in (("fusion", ("attention", "concat")), ("fusion_head", ("authors", "prenorm"))):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {getattr(cfg, name)!r}")
+    for name in ("n_heads", "fusion_heads"):
+        if cfg.d_model % getattr(cfg, name) != 0:
+            raise ValueError(f"d_model = {cfg.d_model} must be divisible by {name} = {getattr(cfg, name)}")
+    if cfg.fusion == "attention" and cfg.d_model // cfg.fusion_heads < max(2, M):
+        raise ValueError(f"the fusion heads need width d_model / fusion_heads >= 2 to rotate, and >= the number of "
+                         f"modalities ({M}) for an anchor equally close to every mean key; "
+                         f"got {cfg.d_model} / {cfg.fusion_heads}")
+    for name in ("dropout", "fusion_dropout"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: one fused qkv Linear, SDPA, an output projection."""
+    """Multi-head self-attention of the encoders: one fused qkv Linear, SDPA, a projection."""
 
     def __init__(self, d_model, n_heads, dropout=0.0):
         super().__init__()
-        self.n_heads = n_heads
-        self.dropout = dropout                                # SDPA's dropout_p while training
+        self.n_heads, self.dropout = n_heads, dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def project(self, x):                                     # (B, T, C) -> (B, T, 3C): q, k, v of every token
-        return self.qkv(x)
-
-    def split(self, x):
+    def forward(self, x):                                                # (B, T, C) -> (B, T, C)
         B, T, C = x.shape
-        qkv = self.project(x).view(B, T, 3, self.n_heads, C // self.n_heads)   # (B, T, 3, nh, hs)
-        return qkv.permute(2, 0, 3, 1, 4)                     # 3 x (B, nh, T, hs)
-
-    def merge(self, y):
-        B, nh, T, hs = y.shape
-        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs))  # (B, T, C)
-
-    def forward(self, x):                                     # x: (B, T, C) -> (B, T, C)
-        q, k, v = self.split(x)                               # (B, nh, T, hs)
-        p = self.dropout if self.training else 0.0
-        return self.merge(F.scaled_dot_product_attention(q, k, v, dropout_p=p))
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)   # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class Block(nn.Module):
@@ -267,22 +424,20 @@ class Block(nn.Module):
 
     def __init__(self, d_model, n_heads, dropout=0.0):
         super().__init__()
-        self.ln1 = nn.LayerNorm(d_model)
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn = Attention(d_model, n_heads, dropout)
-        self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(),
                                  nn.Linear(4 * d_model, d_model), nn.Dropout(dropout))
 
-    def forward(self, x):                                     # (B, T, C) -> (B, T, C)
+    def forward(self, x):                                                # (B, T, C) -> (B, T, C)
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
 
 class Encoder(nn.Module):
-    """One modality: project its features to d_model, add learned positions, run the blocks,
-    end with a LayerNorm. With fusion_head "authors" it starts with a CLS token of its own, as
-    the authors' ViT encoders do, and that token is the modality's feature; otherwise the
-    mean of its tokens is."""
+    """One modality: its features projected to d_model, learned positions, the blocks, a final
+    LayerNorm. With fusion_head "authors" a CLS token of its own leads, as in the authors' ViT
+    encoders, and is the modality's feature; otherwise the mean of its tokens is."""
 
     def __init__(self, n_tokens, n_features, cfg):
         super().__init__()
@@ -292,22 +447,22 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, x):                                     # (B, L, D) -> (B, T_m, C), T_m = L (+1: CLS)
-        x = self.embed(x)                                     # (B, L, C)
+    def forward(self, x):                                                # (B, L, D) -> (B, T_m, C), T_m = L (+1: CLS)
+        x = self.embed(x)                                                # (B, L, C)
         if self.cls is not None:
-            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)   # (B, 1 + L, C)
+            x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1)       # (B, 1 + L, C)
         x = x + self.pos
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
-    def pool(self, z):                                        # (B, T_m, C) -> (B, C): the modality's feature
+    def pool(self, z):                                                   # (B, T_m, C) -> (B, C): the modality's feature
         return z[:, 0] if self.cls is not None else z.mean(1)
 
 
 def authors_init(module):
-    """The authors' weight_init, applied to the whole model: every Linear gets xavier_normal
-    weights and a zero bias (they then load ImageNet weights into the encoders; ours train)."""
+    """The authors' weight_init: every Linear gets xavier_normal weights and a zero bias (they then
+    load ImageNet weights into the encoders; ours train)."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_normal_(module.weight)
         if module.bias is not None:
@@ -315,137 +470,68 @@ def authors_init(module):
 
 
 def trunc_normal(*shape, std=0.02):
-    """A parameter's initial value: normal(0, std) cut at +-2, as timm's trunc_normal_ (the authors')."""
+    """A parameter's initial value as timm's trunc_normal_ (the authors'): normal(0, std) cut at
+    ±2 in absolute value, which at std 0.02 is ±100 std: in effect a plain normal."""
     return nn.init.trunc_normal_(torch.empty(shape), std=std)
 
 
-class QueryRotation(nn.Module):
-    """RollingQ's state inside an attention layer: the rotation R of the CLS query, per head.
-
-    What RollingQ needs of an attention layer, yours included:
-      1. it holds one QueryRotation(n_heads, head_size);
-      2. it attends with the rotated CLS query, q_cls = rotation(q_cls), (B, nh, 1, hs): only
-         the CLS row. A layer that computes every token's query (B, nh, T, hs), as one fused
-         qkv projection does, rotates its CLS row alone:
-         q = torch.cat([rotation(q[:, :, :1]), q[:, :, 1:]], 2); anything but (B, nh, 1, hs)
-         is refused;
-      3. RollingQ.observe gets that rotated query (B, nh, hs) and each modality's mean key
-         (B, nh, M, hs), from the same forward pass.
-    RollingQ.step(model) finds the layer by this type among model.modules(), so any model, or
-    a DDP / torch.compile wrapper of one, that holds exactly one QueryRotation will do. It
-    checks 3: the layer keeps (a reference to) the last query it rotated in each mode, and a
-    step whose observed query is neither, such as the unrotated q, is refused. (Tested eager,
-    under DDP and torch.compile's default mode; not under CUDA graphs or torch.export.)
-    R (nh, hs, hs) and the number of rolls are buffers: they are in state_dict(), never trained,
-    and a reloaded model keeps its rotation. (The authors' code keeps the roll counter outside
-    the state dict.) R stays float32 (or float64) when the model is cast to bf16 or fp16.
-    """
-
-    def __init__(self, n_heads, head_size):
-        super().__init__()
-        self.register_buffer("R", torch.eye(head_size).repeat(n_heads, 1, 1))   # (nh, hs, hs)
-        self.register_buffer("rolls", torch.zeros((), dtype=torch.long))
-        self.last = {}                                        # training mode -> last R q, (B, nh, 1, hs), detached
-
-    def forward(self, q):                                     # q: (B, nh, 1, hs) -> R q, (B, nh, 1, hs)
-        nh, hs = self.R.shape[0], self.R.shape[2]
-        if q.dim() != 4 or tuple(q.shape[1:]) != (nh, 1, hs):
-            raise ValueError(f"QueryRotation rotates the CLS query (B, {nh}, 1, {hs}), got {tuple(q.shape)}; for "
-                             f"every token's query (B, nh, T, hs) rotate the CLS row alone: "
-                             f"torch.cat([rotation(q[:, :, :1]), q[:, :, 1:]], 2)")
-        # as a row vector (R q)ᵀ = qᵀ Rᵀ; in float32, even under autocast
-        with torch.autocast(q.device.type, enabled=False):
-            out = (q.float() @ self.R.float().transpose(-1, -2)).to(q.dtype)
-        self.last[self.training] = out.detach()               # a reference, no copy: what step() checks
-        return out
-
-    @torch.no_grad()
-    def roll(self, rotations):
-        """Compose new rotations {head: R_new (hs, hs)} into those heads: R <- R_new R (in float64)."""
-        for h, R_new in rotations.items():
-            self.R[h] = (R_new.double() @ self.R[h].double()).to(self.R.dtype)
-        self.rolls += 1
-
-    def _apply(self, fn, *args, **kwargs):
-        # model.half() / .bfloat16() would round R to 8 bits of mantissa: keep it float32 or
-        # better (its values as they were), and apply moves to another device as usual
-        R = self.R
-        super()._apply(fn, *args, **kwargs)
-        if self.R.dtype not in (torch.float32, torch.float64):
-            self.R = R.to(self.R.device)
-        return self
-
-
-class FusionAttention(Attention):
+class FusionAttention(nn.Module):
     """The CLS token attends over [CLS; tokens of modality 1; ...; tokens of modality M]:
         a = softmax(R q kᵀ / sqrt(hs)),  y = dropout(proj(dropout(a) v))
-    with q the CLS query and R its rotation (RollingQ). Only the CLS row is computed, the one
-    row the classifier reads (the authors compute every row and keep row 0: the same output).
-    """
+    with q the CLS query and R its rotation. The authors' layer: separate q, k, v projections
+    Linear(C, C), each xavier_normal (variance 1/C); the key has no bias (theirs starts at zero
+    and stays there: it adds the same logit to every token). Only the CLS row is computed, the
+    one the classifier reads (the authors compute every row and keep row 0: the same output)."""
 
     def __init__(self, d_model, n_heads, spans, dropout=0.0):
-        super().__init__(d_model, n_heads)                    # SDPA's dropout unused: the CLS row is written out
-        self.spans = spans                                    # [(start, end)] of each modality's tokens
-        # P (M, T): row m averages modality m's tokens, so P k stacks the mean keys k̄_m in one product
+        super().__init__()
+        self.n_heads, self.spans = n_heads, spans                       # spans: [(start, end)] per modality
+        self.q, self.k, self.v = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model, bias=False), \
+            nn.Linear(d_model, d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.rotation = QueryRotation(n_heads, d_model // n_heads)
+        self.attn_drop, self.drop = nn.Dropout(dropout), nn.Dropout(dropout)   # as the authors: weights, output
+        # P (M, T): row m averages modality m's tokens, so P k stacks the mean keys k̄_m
         P = torch.zeros(len(spans), spans[-1][1])
         for m, (s, e) in enumerate(spans):
             P[m, s:e] = 1.0 / (e - s)
         self.register_buffer("P", P, persistent=False)
         self.register_buffer("member", (P > 0).float().T, persistent=False)   # (T, M): token t is modality m's
-        self.rotation = QueryRotation(n_heads, d_model // n_heads)
-        # No key bias: b_k adds q·b_k to every logit alike, which the softmax ignores (so its
-        # gradient is zero up to rounding), but it would shift every cosine AIR and the anchor
-        # are read from. The authors' key bias starts at zero and stays there up to rounding;
-        # here it is zero by construction.
-        keep = torch.ones(3 * d_model)
-        keep[d_model:2 * d_model] = 0.0
-        self.register_buffer("bias_keep", keep, persistent=False)   # (3C,): 0 on the key bias
-        with torch.no_grad():
-            self.qkv.bias[d_model:2 * d_model] = 0.0          # unused: zero, so state_dict says so
-        self.attn_drop = nn.Dropout(dropout)                  # on the attention weights, as the authors
-        self.drop = nn.Dropout(dropout)                       # on the output, as the authors
 
-    def project(self, x):                                     # (B, T, C) -> (B, T, 3C), k = x W_kᵀ
-        return F.linear(x, self.qkv.weight, self.qkv.bias * self.bias_keep)
+    def heads(self, x):                                                  # (B, T, C) -> (B, nh, T, hs)
+        B, T, C = x.shape
+        return x.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
 
-    def forward(self, x, stats=False):                        # x: (B, T, C), T = 1 + sum T_m -> (B, C)
-        q, k, v = self.split(x)                               # (B, nh, T, hs)
-        q = self.rotation(q[:, :, :1])                        # (B, nh, 1, hs): RollingQ's R q
+    def forward(self, x, stats=False):                                   # x: (B, T, C) -> (B, C)
+        q = self.rotation(self.heads(self.q(x[:, :1])))                  # (B, nh, 1, hs): R q, the CLS row
+        k, v = self.heads(self.k(x)), self.heads(self.v(x))              # (B, nh, T, hs)
         a = (q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])).softmax(-1)   # (B, nh, 1, T)
-        y = self.drop(self.merge(self.attn_drop(a) @ v))[:, 0]               # (B, C)
+        y = self.drop(self.proj((self.attn_drop(a) @ v).flatten(1)))     # (B, nh, 1, hs) -> (B, C)
         extra = {}
-        if stats:                                             # detached: statistics, not part of the loss
-            P = self.P.to(k.dtype)                            # (M, T)
-            extra["query"] = q.detach()[:, :, 0]              # (B, nh, hs), the query in use: R q
-            extra["key_means"] = P @ k.detach()               # (B, nh, M, hs): k̄_m(x) = mean of modality m's keys
-            # CLS attention mass on each modality's tokens (the rest is on the CLS token itself)
-            extra["attention"] = (a.detach() @ self.member.to(a.dtype))[:, :, 0]   # (B, nh, 1, T) @ (T, M) -> (B, nh, M)
+        if stats:                                                        # detached: statistics, not the loss
+            extra["query"] = q.detach()[:, :, 0]                         # (B, nh, hs): the query in use, R q
+            extra["key_means"] = self.P.to(k.dtype) @ k.detach()         # (B, nh, M, hs): k̄_m(x)
+            # the CLS row's attention on each modality's tokens (the rest is on the CLS token)
+            extra["attention"] = (a.detach() @ self.member.to(a.dtype))[:, :, 0]   # (B, nh, M)
         return y, extra
 
 
 @dataclass
 class Output:
-    logits: torch.Tensor                                      # (B, n_classes)
-    probe_logits: list                                        # M x (B, n_classes), on detached features
-    query: Optional[torch.Tensor] = None                      # (B, nh, hs) CLS query R q, if stats
-    key_means: Optional[torch.Tensor] = None                  # (B, nh, M, hs) mean key per modality, if stats
-    attention: Optional[torch.Tensor] = None                  # (B, nh, M) CLS attention mass, if stats
+    logits: torch.Tensor                                                 # (B, n_classes)
+    probe_logits: list                                                   # M x (B, n_classes), on detached features
+    query: Optional[torch.Tensor] = None                                 # (B, nh, hs) CLS query R q, if stats
+    key_means: Optional[torch.Tensor] = None                             # (B, nh, M, hs) mean key per modality
+    attention: Optional[torch.Tensor] = None                             # (B, nh, M) CLS attention mass
 
 
 class MultimodalTransformer(nn.Module):
-    """An encoder per modality, then fusion and a linear classifier; one linear probe per
-    modality on its detached feature measures that modality's feature quality without changing
-    training.
-
-    fusion "attention": a learned CLS token attends over the tokens of every modality in one
-    layer (FusionAttention); fusion "concat": the modalities' features are concatenated.
-    fusion_head "authors" (their code exactly): every encoder has a CLS token of its own, and
-    fusion attends over the encoders' outputs as they are, with no norm and no residual; the
-    classifier reads the fusion output's CLS row; every Linear starts from their weight_init
-    (authors_init). fusion_head "prenorm" (this project's first
-    head): encoders without CLS tokens (mean-pooled features), a LayerNorm before the fusion,
-    a residual around it and a final LayerNorm before the classifier.
-    """
+    """An encoder per modality, fusion ("attention": a learned CLS token attends over every
+    modality's tokens; "concat": the features joined), a linear classifier; a linear probe per
+    modality on its detached feature measures the feature's quality and changes nothing.
+    fusion_head "authors" (their code): a CLS token per encoder, fusion over the encoders'
+    outputs as they are, no norm, no residual, every Linear from authors_init. "prenorm":
+    mean-pooled encoders, a LayerNorm before the fusion, a residual and a final LayerNorm."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -456,11 +542,10 @@ class MultimodalTransformer(nn.Module):
         if cfg.fusion == "concat":
             self.head = nn.Linear(M * C, cfg.n_classes)
         else:
-            spans, start = [], 1                              # token 0 is the fusion CLS token
+            spans, start = [], 1                                         # token 0 is the fusion CLS token
             for encoder, (L, _) in zip(self.encoders, cfg.modalities.values()):
-                end = start + L + (encoder.cls is not None)
-                spans.append((start, end))
-                start = end
+                spans.append((start, start + L + (encoder.cls is not None)))
+                start = spans[-1][1]
             self.cls = nn.Parameter(trunc_normal(1, 1, C))
             if cfg.fusion_head == "prenorm":
                 self.ln, self.ln_f = nn.LayerNorm(C), nn.LayerNorm(C)
@@ -469,40 +554,40 @@ class MultimodalTransformer(nn.Module):
         if cfg.fusion_head == "authors":
             self.apply(authors_init)
 
-    def tokens(self, xs):
-        """Check the inputs against cfg.modalities; (B, D_m) is taken as one token (B, 1, D_m)."""
-        if not isinstance(xs, (list, tuple)) or len(xs) != len(self.encoders):
-            n = len(xs) if isinstance(xs, (list, tuple)) else type(xs).__name__
-            raise ValueError(f"expected a list of {len(self.encoders)} modality tensors "
-                             f"({', '.join(self.cfg.modalities)}), got {n}")
-        out = []
-        for (name, (L, D)), x in zip(self.cfg.modalities.items(), xs):
-            shape = tuple(x.shape)
-            if x.dim() == 2 and L == 1:
-                x = x[:, None, :]                             # (B, D) -> (B, 1, D)
-            if x.dim() != 3 or tuple(x.shape[1:]) != (L, D) or x.shape[0] != xs[0].shape[0]:
-                one = f" or (B, {D})" if L == 1 else ""
-                raise ValueError(f"modality {name!r}: expected a tensor (B, {L}, {D}){one} with the same B "
-                                 f"as the others, got {shape}")
-            out.append(x)
-        return out
-
     def forward(self, xs, stats=False):
-        """xs: one tensor (B, L_m, D_m) per modality, in cfg.modalities order; (B, D_m) where
-        L_m = 1. stats=True also returns the CLS query, the mean keys and the attention mass."""
-        zs = [enc(x) for enc, x in zip(self.encoders, self.tokens(xs))]   # M x (B, T_m, C)
-        features = [enc.pool(z) for enc, z in zip(self.encoders, zs)]     # M x (B, C)
+        """xs: one tensor (B, L_m, D_m) per modality, in cfg.modalities order ((B, D_m) where
+        L_m = 1). stats=True also returns the CLS query, the mean keys and the attention mass."""
+        zs = [enc(x) for enc, x in zip(self.encoders, checked_inputs(self.cfg, xs))]   # M x (B, T_m, C)
+        features = [enc.pool(z) for enc, z in zip(self.encoders, zs)]    # M x (B, C)
         probe_logits = [probe(f.detach()) for probe, f in zip(self.probes, features)]
         if self.cfg.fusion == "concat":
             return Output(self.head(torch.cat(features, -1)), probe_logits)
-        x = torch.cat([self.cls.expand(zs[0].shape[0], -1, -1)] + zs, 1)   # (B, T, C)
-        if self.cfg.fusion_head == "authors":                 # classifier(fusion(x)[CLS row])
-            y, extra = self.fusion(x, stats)                  # (B, C)
-            logits = self.head(y)                             # (B, n_classes)
-        else:                                                 # classifier(ln_f(x_cls + fusion(ln(x))))
-            y, extra = self.fusion(self.ln(x), stats)         # (B, C)
-            logits = self.head(self.ln_f(x[:, 0] + y))        # (B, n_classes)
+        x = torch.cat([self.cls.expand(len(zs[0]), -1, -1)] + zs, 1)    # (B, T, C)
+        if self.cfg.fusion_head == "authors":                            # classifier(fusion(x)[CLS row])
+            y, extra = self.fusion(x, stats)                             # (B, C)
+            logits = self.head(y)                                        # (B, n_classes)
+        else:                                                            # classifier(ln_f(x_cls + fusion(ln(x))))
+            y, extra = self.fusion(self.ln(x), stats)
+            logits = self.head(self.ln_f(x[:, 0] + y))
         return Output(logits, probe_logits, **extra)
+
+
+def checked_inputs(cfg, xs):
+    """xs checked against cfg.modalities; (B, D_m) is taken as one token (B, 1, D_m)."""
+    if not isinstance(xs, (list, tuple)) or len(xs) != len(cfg.modalities):
+        got = len(xs) if isinstance(xs, (list, tuple)) else type(xs).__name__
+        raise ValueError(f"expected a list of {len(cfg.modalities)} modality tensors ({', '.join(cfg.modalities)}), got {got}")
+    out = []
+    for (name, (L, D)), x in zip(cfg.modalities.items(), xs):
+        shape = tuple(x.shape)
+        if x.dim() == 2 and L == 1:
+            x = x[:, None, :]                                            # (B, D) -> (B, 1, D)
+        if x.dim() != 3 or tuple(x.shape[1:]) != (L, D) or len(x) != len(xs[0]):
+            one = f" or (B, {D})" if L == 1 else ""
+            raise ValueError(f"modality {name!r}: expected a tensor (B, {L}, {D}){one} with the same B as the "
+                             f"others, got {shape}")
+        out.append(x)
+    return out
 
 
 class Unimodal(nn.Module):
@@ -511,144 +596,10 @@ class Unimodal(nn.Module):
 
     def __init__(self, cfg: Config, modality, encoder=None):
         super().__init__()
-        if encoder is None:
-            encoder = Encoder(*cfg.modalities[modality], cfg)
-            if cfg.fusion_head == "authors":                  # as MultimodalTransformer initialises it
-                encoder.apply(authors_init)
-        self.encoder, self.head = encoder, nn.Linear(cfg.d_model, cfg.n_classes)
-        if cfg.fusion_head == "authors":
-            self.head.apply(authors_init)
+        self.encoder = Encoder(*cfg.modalities[modality], cfg) if encoder is None else encoder
+        self.head = nn.Linear(cfg.d_model, cfg.n_classes)
+        if cfg.fusion_head == "authors":                                 # as MultimodalTransformer; a given encoder keeps its weights
+            (self if encoder is None else self.head).apply(authors_init)
 
-    def forward(self, xs, stats=False):                       # xs: [(B, L, D)] -> logits (B, n_classes)
+    def forward(self, xs, stats=False):                                  # xs: [(B, L, D)] -> logits (B, n_classes)
         return Output(self.head(self.encoder.pool(self.encoder(xs[0]))), [])
-
-
-# ----------------------------------------------------------------------------------------
-# 3. The controller
-
-
-class RollingQ:
-    """Rolls the CLS query of a model's fusion attention (paper, Algorithm 1).
-
-    During training, pass every step's CLS query and mean keys to observe(); no extra pass over
-    the data is needed. At the end of each epoch step() does, per fusion head:
-      1. the roll condition: AIR of the last batch (the mean of per-sample cosine differences,
-         as the authors take it); nothing if |AIR| <= beta or max_rolls is reached;
-      2. the anchor t = rolling_target(q̄, K̄, sigma, cosines), with q̄ the mean query of the last
-         batch (the query moves during the epoch; the roll must turn the one in use now), K̄ the
-         mean keys over the epoch, and the weights from that batch's AIR as the paper's alpha;
-         a head whose mean keys point opposite ways has no anchor and is skipped;
-      3. R_new = rotation_matrix(q̄, t), composed as R <- R_new R.
-    (The authors take the means from an extra pass over the training set after the epoch; we
-    use the forward passes training already makes. The keys move during the epoch, so K̄ lags
-    the model a little and the next batch's AIR is near 0, not exactly 0. In MultimodalTransformer
-    the CLS query is the same for every sample, so q̄ is simply the query in use.) Under
-    torch.distributed the statistics are summed over ranks, so every rank rolls at the same
-    epoch with the same rotation. The roll count, which max_rolls bounds, counts the epochs at
-    which any head rolled.
-    """
-
-    def __init__(self, beta=0.0, sigma=0.0, max_rolls=1):
-        """beta: AIR threshold; sigma: anchor lean (0: bisector); max_rolls: r_time, None for no limit.
-        The defaults are the authors' (beta 0, sigma 0, one roll)."""
-        if not (0 <= beta < math.inf and 0 <= sigma < math.inf) or (max_rolls is not None and max_rolls < 0):
-            raise ValueError(f"RollingQ needs finite beta >= 0, finite sigma >= 0 and max_rolls >= 0 "
-                             f"(or None); got beta {beta}, sigma {sigma}, max_rolls {max_rolls}")
-        self.beta, self.sigma, self.max_rolls = beta, sigma, max_rolls
-        self.reset()
-
-    def reset(self):
-        self.n, self.key_sum = 0, None                        # samples and sum of k̄_m(x) over the epoch
-        self.last = None                                      # (q, k̄) of the last batch
-
-    @torch.no_grad()
-    def observe(self, query, key_means):
-        """Per training step: query (B, nh, hs), the rotated CLS query R q of each sample, and
-        key_means (B, nh, M, hs), each modality's mean key. One running sum, no host-device sync."""
-        if query is None or key_means is None:
-            raise ValueError("RollingQ.observe needs the CLS query and the mean keys: "
-                             "the output of model(xs, stats=True)")
-        if query.dim() != 3 or key_means.dim() != 4 or key_means.shape[:2] + key_means.shape[3:] != query.shape:
-            raise ValueError(f"RollingQ.observe expects query (B, nh, hs) and key_means (B, nh, M, hs); "
-                             f"got {tuple(query.shape)} and {tuple(key_means.shape)}")
-        if key_means.shape[2] < 2:
-            raise ValueError(f"RollingQ.observe needs the mean keys of at least 2 modalities, got {key_means.shape[2]}")
-        k_bar = key_means.detach().float()                    # (B, nh, M, hs) k̄_m(x) per sample
-        self.last = (query.detach().float(), k_bar)           # (B, nh, hs), (B, nh, M, hs), no graph kept
-        self.n += k_bar.shape[0]
-        self.key_sum = k_bar.sum(0) if self.key_sum is None else self.key_sum + k_bar.sum(0)   # (nh, M, hs)
-
-    def may_roll(self, model):
-        """Whether max_rolls still allows a roll of model's QueryRotation."""
-        return self.max_rolls is None or int(query_rotation(model).rolls) < self.max_rolls
-
-    @torch.no_grad()
-    def step(self, model):
-        """End of epoch: roll where the condition holds. Returns a record of what it did.
-
-        model: anything that holds exactly one QueryRotation: the attention layer itself, the
-        model around it, or a DistributedDataParallel / torch.compile wrapper of either."""
-        if self.last is None:
-            raise ValueError("RollingQ.step: observe() saw no batch since the last step")
-        rotation = query_rotation(model)
-        q, k_bar = self.last                                  # last batch: (B, nh, hs), (B, nh, M, hs)
-        nh, hs = rotation.R.shape[:2]
-        if q.shape[1:] != (nh, hs):
-            raise ValueError(f"RollingQ observed queries of {q.shape[1]} head(s) of width {q.shape[2]}, but the "
-                             f"QueryRotation it found has {nh} head(s) of width {hs}")
-        applied = [a.float()[:, :, 0] for a in rotation.last.values()]   # (B, nh, hs) each
-        if not applied:
-            raise ValueError("RollingQ.step: the QueryRotation was never applied; the attention layer must attend "
-                             "with q_cls = rotation(q_cls)")
-        # checked on every rank, raised on every rank (a rank that raised alone would hang the others)
-        nonfinite = not (torch.isfinite(q).all() and torch.isfinite(k_bar).all() and torch.isfinite(self.key_sum).all())
-        unrotated = not any(a.shape == q.shape and torch.equal(a, q) for a in applied)
-        q_sum, cos_sum, n_last, key_sum, n, nonfinite, unrotated = sum_over_ranks(
-            q.sum(0), modality_cosines(q, k_bar).sum(0), q.shape[0], self.key_sum, self.n, nonfinite, unrotated)
-        if nonfinite:
-            raise ValueError("RollingQ.step: the observed query or mean keys hold NaN or inf")
-        if unrotated:
-            raise ValueError("RollingQ.step: the query last given to observe() is not the one the QueryRotation last "
-                             "returned; observe the rotated query R q the layer attends with, not q")
-        q_bar = q_sum / n_last                                # (nh, hs) mean query of the last batch
-        K_bar = key_sum / n                                   # (nh, M, hs) mean keys over the epoch
-        cos = cos_sum / n_last                                # (nh, M) per-sample cosines, averaged
-        # the roll condition: AIR = mean over samples of cos(q, k̄_a(x)) - cos(q, k̄_v(x))
-        air = air_from_cosines(cos)                           # (nh,)
-        heads, rotations, skipped = [], {}, []
-        if self.may_roll(rotation):
-            heads = [h for h in range(len(air)) if abs(float(air[h])) > self.beta]
-        for h in heads:
-            try:                                              # the anchor t, then R_new with R_new q̄ = t
-                t = rolling_target(q_bar[h], K_bar[h], self.sigma, cos[h])
-            except NoAnchor:                                  # opposite mean keys: this head waits
-                skipped.append(h)
-                continue
-            rotations[h] = rotation_matrix(q_bar[h], t)
-        if rotations:
-            rotation.roll(rotations)
-        self.reset()
-        return {"air": air.tolist(), "rolled": bool(rotations), "rolls": int(rotation.rolls),
-                "heads": list(rotations), "skipped": skipped}
-
-
-def query_rotation(model):
-    """The one QueryRotation that `model` holds, found by type among model.modules() (which
-    also looks inside DDP and torch.compile wrappers)."""
-    found = [m for m in model.modules() if isinstance(m, QueryRotation)] if isinstance(model, nn.Module) else []
-    if len(found) != 1:
-        raise ValueError(f"RollingQ.step needs a module that holds exactly one QueryRotation (an attention layer "
-                         f"that rotates its CLS query, or a model or wrapper around one); "
-                         f"got a {type(model).__name__} with {len(found)}")
-    return found[0]
-
-
-def sum_over_ranks(*values):
-    """Each tensor or number summed over the ranks of torch.distributed (as is, without it).
-    One all_reduce of one flat buffer; returns tensors of the same shapes, in the same order."""
-    parts = [torch.as_tensor(v, dtype=torch.float32).to(values[0].device).reshape(-1) for v in values]
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [p.view_as(torch.as_tensor(v)) for p, v in zip(parts, values)]
-    flat = torch.cat(parts)
-    torch.distributed.all_reduce(flat)
-    return [p.view_as(torch.as_tensor(v)) for p, v in zip(flat.split([p.numel() for p in parts]), values)]

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollingq import (Config, MultimodalTransformer, NoAnchor, QueryRotation, RollingQ, air_from_cosines,
-                      attention_imbalance_rate, equiangular_anchor, key_gap, modality_cosines, modality_leads,
-                      query_rotation, rolling_target, rotation_matrix)
+from rollingq import (Config, MultimodalTransformer, NoAnchor, QueryRotation, RollingQ, attention_imbalance_rate,
+                      equiangular_anchor, key_gap, modality_cosines, modality_leads, query_rotation, rolling_target,
+                      rotation_matrix, checked_inputs)
 
 settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)   # the same examples every run: no flaky CI
 settings.load_profile("default")
@@ -116,10 +116,16 @@ def mean_stats(seed, d, M=2):
     return torch.randn(d, generator=g, dtype=torch.float64), torch.randn(M, d, generator=g, dtype=torch.float64)
 
 
+def target(q, K, sigma=0.0):
+    """The anchor for mean vectors q (d,), K (M, d), leaning by their own AIR (or leads, M > 2)."""
+    c = modality_cosines(q, K)
+    return rolling_target(q, K, attention_imbalance_rate(c) if len(K) == 2 else modality_leads(c), sigma)
+
+
 @given(d=st.integers(2, 256), seed=seeds)
 def test_sigma_zero_roll_leaves_the_mean_query_equally_close_to_both_modalities(d, seed):
     q, K = mean_stats(seed, d)
-    q_rolled = rotation_matrix(q, rolling_target(q, K, sigma=0.0)) @ q
+    q_rolled = rotation_matrix(q, target(q, K)) @ q
     c = modality_cosines(q_rolled, K)
     assert abs(float(c[0] - c[1])) < 1e-9                      # AIR of the mean query is 0
     assert math.isclose(float(q_rolled.norm()), float(q.norm()), rel_tol=1e-9)
@@ -128,9 +134,9 @@ def test_sigma_zero_roll_leaves_the_mean_query_equally_close_to_both_modalities(
 @given(d=st.integers(2, 256), seed=seeds, sigma=st.floats(0, 20))
 def test_after_a_roll_the_favoured_modality_no_longer_leads(d, seed, sigma):
     q, K = mean_stats(seed, d)
-    before = float(air_from_cosines(modality_cosines(q, K)))
-    q_rolled = rotation_matrix(q, rolling_target(q, K, sigma)) @ q
-    after = float(air_from_cosines(modality_cosines(q_rolled, K)))
+    before = float(attention_imbalance_rate(modality_cosines(q, K)))
+    q_rolled = rotation_matrix(q, target(q, K, sigma)) @ q
+    after = float(attention_imbalance_rate(modality_cosines(q_rolled, K)))
     # the anchor weights the favoured modality by alpha <= 1/2: balanced (sigma 0) or the other side
     assert after * before <= 1e-12
 
@@ -143,18 +149,18 @@ def test_rolling_target_is_the_papers_tanh_anchor_for_two_modalities(d, seed, si
     alpha = (1 + math.tanh(-sigma * air)) / 2
     t = alpha * k_a + (1 - alpha) * k_v
     expected = t / t.norm() * q.norm()
-    assert torch.allclose(rolling_target(q, K, sigma), expected, atol=1e-9)
+    assert torch.allclose(rolling_target(q, K, air, sigma), expected, atol=1e-9)
 
 
 @given(d=st.integers(2, 64), seed=seeds, sigma=st.floats(0, 20))
-def test_given_per_sample_cosines_the_anchor_weight_is_alpha_of_the_papers_air(d, seed, sigma):
+def test_the_anchor_leans_by_the_air_it_is_given_not_by_the_cosines_of_the_means(d, seed, sigma):
     g = torch.Generator().manual_seed(seed)
     q, K = torch.randn(30, d, generator=g, dtype=torch.float64), torch.randn(30, 2, d, generator=g, dtype=torch.float64)
-    air = float(attention_imbalance_rate(q, K))                  # mean of per-sample differences
-    alpha = (1 + math.tanh(-sigma * air)) / 2
+    air = attention_imbalance_rate(modality_cosines(q, K).mean(0))   # the paper's: mean of per-sample differences
+    alpha = (1 + math.tanh(-sigma * float(air))) / 2
     K_bar = K.mean(0)
     t = alpha * K_bar[0] / K_bar[0].norm() + (1 - alpha) * K_bar[1] / K_bar[1].norm()
-    got = rolling_target(q.mean(0), K_bar, sigma, cosines=modality_cosines(q, K).mean(0))
+    got = rolling_target(q.mean(0), K_bar, air, sigma)
     assert torch.allclose(got, t / t.norm() * q.mean(0).norm(), atol=1e-9)
 
 
@@ -162,14 +168,14 @@ def test_given_per_sample_cosines_the_anchor_weight_is_alpha_of_the_papers_air(d
 def test_the_papers_two_modality_anchor_is_the_general_anchor_for_m_2(d, seed, sigma):
     q, K = mean_stats(seed, d)
     k_hat, c = F.normalize(K, dim=1), modality_cosines(q, K)
-    general = equiangular_anchor(k_hat, c, sigma)
-    assert torch.allclose(rolling_target(q, K, sigma), general / general.norm() * q.norm(), atol=1e-9)
+    general = equiangular_anchor(k_hat, modality_leads(c), sigma)
+    assert torch.allclose(target(q, K, sigma), general / general.norm() * q.norm(), atol=1e-9)
 
 
 @given(M=st.integers(2, 6), d=st.integers(8, 128), seed=seeds)
 def test_sigma_zero_anchor_is_equally_close_to_every_mean_key(M, d, seed):
     q, K = mean_stats(seed, d, M)
-    t = rolling_target(q, K, sigma=0.0)
+    t = target(q, K)
     c = modality_cosines(t, K)                                  # (M,)
     assert float((c - c[0]).abs().max()) < 1e-9 and float(c.min()) > 0
     assert math.isclose(float(t.norm()), float(q.norm()), rel_tol=1e-9)
@@ -178,8 +184,8 @@ def test_sigma_zero_anchor_is_equally_close_to_every_mean_key(M, d, seed):
 @given(M=st.integers(3, 6), d=st.integers(8, 128), seed=seeds)
 def test_a_sigma_zero_roll_leaves_no_lead_for_any_number_of_modalities(M, d, seed):
     q, K = mean_stats(seed, d, M)
-    q_rolled = rotation_matrix(q, rolling_target(q, K)) @ q
-    assert float(air_from_cosines(modality_cosines(q_rolled, K))) < 1e-9
+    q_rolled = rotation_matrix(q, target(q, K)) @ q
+    assert float(attention_imbalance_rate(modality_cosines(q_rolled, K))) < 1e-9
 
 
 @given(M=st.integers(2, 6), d=st.integers(2, 64), seed=seeds)
@@ -189,9 +195,9 @@ def test_modality_leads_sum_to_zero_and_reduce_to_air_for_two(M, d, seed):
     leads = modality_leads(c)
     assert abs(float(leads.sum())) < 1e-9
     if M == 2:
-        assert math.isclose(float(leads[0]), float(air_from_cosines(c)), abs_tol=1e-12)
+        assert math.isclose(float(leads[0]), float(attention_imbalance_rate(c)), abs_tol=1e-12)
     else:
-        assert float(air_from_cosines(c)) >= 0
+        assert float(attention_imbalance_rate(c)) >= 0
 
 
 @given(d=st.integers(2, 64), seed=seeds, scale=st.floats(1e-3, 1e3))
@@ -209,18 +215,25 @@ def test_air_is_the_mean_over_samples_of_the_cosine_difference():
     q, K = torch.randn(50, 8, generator=g), torch.randn(50, 2, 8, generator=g)   # (N, d), (N, M, d)
     per_sample = [torch.cosine_similarity(q[i], K[i, 0], 0) - torch.cosine_similarity(q[i], K[i, 1], 0)
                   for i in range(50)]
-    assert math.isclose(float(attention_imbalance_rate(q, K)), float(sum(per_sample) / 50), abs_tol=1e-6)
+    air = attention_imbalance_rate(modality_cosines(q, K).mean(0))
+    assert math.isclose(float(air), float(sum(per_sample) / 50), abs_tol=1e-6)
 
 
 def test_rolling_target_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"\(M, hs\)"):
-        rolling_target(torch.ones(3), torch.ones(2, 4))
+        rolling_target(torch.ones(3), torch.ones(2, 4), 0.0)
     with pytest.raises(ValueError, match="at least 2 modalities"):
-        rolling_target(torch.ones(3), torch.ones(1, 3))
+        rolling_target(torch.ones(3), torch.ones(1, 3), 0.0)
     with pytest.raises(ValueError, match="zero vector"):
-        rolling_target(torch.zeros(3), torch.ones(2, 3))
+        rolling_target(torch.zeros(3), torch.ones(2, 3), 0.0)
+    with pytest.raises(ValueError, match=r"a number for 2 modalities, each modality's lead .* got shape \(2,\)"):
+        rolling_target(torch.ones(3), torch.ones(2, 3), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"shape \(3,\)\) for 3; got shape \(\)"):
+        rolling_target(torch.ones(3), torch.eye(3), 0.5)           # 3 modalities need their leads, not one AIR
+    with pytest.raises(TypeError):
+        rolling_target(torch.ones(3), torch.ones(2, 3))            # no default: the AIR is always said
     with pytest.raises(NoAnchor, match="cancel out"):
-        rolling_target(torch.ones(3), torch.tensor([[1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]]))
+        rolling_target(torch.ones(3), torch.tensor([[1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]]), 0.0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -249,16 +262,16 @@ def random_roll(model, seed):
 
 def fusion_input(model, xs):
     """What the fusion layer attends over: [CLS; the encoders' tokens], (B, T, C)."""
-    zs = [enc(x) for enc, x in zip(model.encoders, model.tokens(xs))]
+    zs = [enc(x) for enc, x in zip(model.encoders, checked_inputs(model.cfg, xs))]
     return torch.cat([model.cls.expand(len(zs[0]), -1, -1)] + zs, 1)
 
 
 def cls_attention(fusion, x):
     """The paper's fusion for the CLS row, written out: softmax(R q kᵀ / sqrt(hs)) v, projected."""
-    q, k, v = fusion.split(x)                                   # (B, nh, T, hs)
+    q, k, v = (fusion.heads(f(x)) for f in (fusion.q, fusion.k, fusion.v))   # (B, nh, T, hs)
     q_cls = q[:, :, :1] @ fusion.rotation.R.transpose(-1, -2)   # (B, nh, 1, hs): R q
     a = torch.softmax(q_cls @ k.transpose(-2, -1) / math.sqrt(k.shape[-1]), -1)   # (B, nh, 1, T)
-    return fusion.merge(a @ v)[:, 0], a                         # (B, C), (B, nh, 1, T)
+    return fusion.proj((a @ v).transpose(1, 2).flatten(2))[:, 0], a   # (B, C), (B, nh, 1, T)
 
 
 @given(heads=st.sampled_from([1, 2, 4]), seed=seeds)
@@ -306,9 +319,10 @@ def test_reported_attention_mass_is_the_cls_row_sdpa_computes(heads, seed, head)
     fusion = model.fusion
     x = torch.randn(3, fusion.spans[-1][1], 16, generator=torch.Generator().manual_seed(seed))   # (B, T, C)
     y, extra = fusion(x, stats=True)
-    q, k, v = fusion.split(x)                                   # (B, nh, T, hs)
+    q, k, v = (fusion.heads(f(x)) for f in (fusion.q, fusion.k, fusion.v))   # (B, nh, T, hs)
     q = torch.cat([q[:, :, :1] @ fusion.rotation.R.transpose(-1, -2), q[:, :, 1:]], 2)
-    assert torch.allclose(y, fusion.merge(F.scaled_dot_product_attention(q, k, v))[:, 0], atol=1e-5)
+    every_row = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)   # (B, T, C)
+    assert torch.allclose(y, fusion.proj(every_row)[:, 0], atol=1e-5)
     _, a = cls_attention(fusion, x)
     expected = torch.stack([a[:, :, 0, s:e].sum(-1) for s, e in fusion.spans], -1)
     assert torch.allclose(extra["attention"], expected, atol=1e-6)
@@ -435,7 +449,7 @@ def test_heads_roll_independently():
     xs = batch(3)
     with torch.no_grad():
         out = model(xs, stats=True)
-    air = attention_imbalance_rate(out.query, out.key_means)     # (nh,)
+    air = attention_imbalance_rate(modality_cosines(out.query, out.key_means).mean(0))   # (nh,)
     assert air[0].abs() != air[1].abs()
     beta = float(air.abs().mean())                               # between the two heads' |AIR|
     controller = RollingQ(beta=beta)
@@ -496,7 +510,7 @@ def test_concat_fusion_has_no_attention_layer_and_reads_each_modality_feature(he
     model = tiny_model(head=head, fusion="concat").eval()
     assert not hasattr(model, "fusion")
     xs = batch(0)
-    features = [enc.pool(enc(x)) for enc, x in zip(model.encoders, model.tokens(xs))]
+    features = [enc.pool(enc(x)) for enc, x in zip(model.encoders, checked_inputs(model.cfg, xs))]
     assert torch.equal(model(xs).logits, model.head(torch.cat(features, -1)))
 
 
@@ -512,25 +526,17 @@ def test_model_takes_vectors_as_one_token_and_names_a_badly_shaped_modality():
         model([xs[0], xs[1][:5], xs[2]])
 
 
-def test_the_authors_head_has_their_init_and_a_fusion_key_bias_that_stays_zero():
+def test_the_authors_head_has_their_init_separate_projections_of_variance_1_over_c_and_no_key_bias():
     model = tiny_model(modalities={"audio": (5, 7), "visual": (3, 4)})
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in linears)   # weight_init: zero biases
-    W = model.fusion.qkv.weight                                 # xavier_normal: std sqrt(2 / (fan_in + fan_out))
-    assert abs(float(W.std()) - math.sqrt(2 / (W.shape[0] + W.shape[1]))) < 0.02
-    xs, y, C = batch(0, modalities={"audio": (5, 7), "visual": (3, 4)}), torch.randint(0, 4, (12,)), 16
-    for optimizer in (torch.optim.AdamW(model.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.1)):
-        for _ in range(5):
-            optimizer.zero_grad()
-            F.cross_entropy(model(xs).logits, y).backward()
-            optimizer.step()
-        assert torch.equal(model.fusion.qkv.bias[C:2 * C], torch.zeros(C))   # the key bias: zero, always
-    assert not torch.equal(model.fusion.qkv.bias[:C], torch.zeros(C))       # the query bias trains
-    model.eval()
-    before = model(xs, stats=True).key_means
-    with torch.no_grad():
-        model.fusion.qkv.bias[C:2 * C] = 1.0                    # even a loaded non-zero key bias is not used
-    assert torch.equal(model(xs, stats=True).key_means, before)
+    assert linears and all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in linears if m.bias is not None)
+    torch.manual_seed(0)
+    wide = MultimodalTransformer(Config({"audio": (2, 3), "visual": (2, 3)}, 4, d_model=128, n_layers=1))
+    fusion = wide.fusion
+    for projection in (fusion.q, fusion.k, fusion.v):           # the authors' Linear(C, C), xavier_normal: 1/C
+        W = projection.weight.detach()
+        assert W.shape == (128, 128) and abs(float(W.var()) * 128 - 1) < 0.1
+    assert fusion.k.bias is None and fusion.q.bias is not None and fusion.v.bias is not None
 
 
 def test_fusion_dropout_acts_on_the_attention_weights_and_the_output_in_training_only():
@@ -617,19 +623,21 @@ def test_observe_keeps_no_autograd_history():
     controller = RollingQ()
     controller.observe(q, torch.stack([q, q * 2], 2))
     assert q.grad_fn is not None
-    assert all(t.grad_fn is None and not t.requires_grad for t in (*controller.last, controller.key_sum))
+    assert all(t.grad_fn is None and not t.requires_grad for t in (*controller.last_batch, controller.key_sum))
 
 
 def test_step_refuses_the_unrotated_query_a_rotation_never_applied_and_nan():
     model = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
     xs = batch(0, modalities={"audio": (2, 3), "visual": (2, 3)})
     controller = RollingQ(max_rolls=None)
-    observe(controller, model, xs)
-    controller.step(model)                                      # R is no longer the identity
-    q, k, v = model.fusion.split(fusion_input(model, xs))
+    for _ in range(2):                                          # rows returned before the roll, R = I: then q = R q
+        observe(controller, model, xs)
+    controller.step(model)                                      # R is no longer the identity: those rows are stale
+    fusion = model.fusion
+    q = fusion.heads(fusion.q(fusion_input(model, xs)[:, :1]))[:, :, 0]   # (B, nh, hs): q, not R q
     out = model(xs, stats=True)
-    controller.observe(q[:, :, 0].detach(), out.key_means)      # q, not R q
-    with pytest.raises(ValueError, match="not the one the QueryRotation last returned; observe the rotated query"):
+    controller.observe(q.detach(), out.key_means)
+    with pytest.raises(ValueError, match="not one the QueryRotation returned since its last roll; observe the rotated"):
         controller.step(model)
     fresh = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
     controller.observe(out.query, out.key_means)
@@ -701,8 +709,85 @@ def test_the_controller_rolls_a_users_own_layer_found_by_type():
     q_rolled = model.mixer.spin.R[0] @ (q.mean(0)[0])           # the last batch's mean query, rolled
     c = modality_cosines(q_rolled, K_bar[0])
     assert torch.allclose(c[0], c[1], atol=1e-5)                # the user's query was balanced
+    _, q, k = model(tokens)                                     # a forward after the roll
     controller.observe(q, k)
     assert controller.step(model.mixer)["rolls"] == 1           # the layer itself will do too (max_rolls 1)
+
+
+class MyFusion(nn.Module):
+    """README's layer: its CLS query depends on the input (here every sample brings its own CLS
+    token), so queries of different forwards differ, as they do in most users' models."""
+
+    def __init__(self, width=16, n_audio=3):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.rotation = QueryRotation(n_heads=1, head_size=width)
+        self.n_audio = n_audio
+
+    def forward(self, cls, tokens):                             # (B, 1, C), (B, T, C)
+        q = self.rotation(self.q(cls)[:, None])                 # (B, 1, 1, C): R q
+        k, v = self.k(tokens)[:, None], self.v(tokens)[:, None]   # (B, 1, T, C)
+        key_means = torch.stack([k[:, :, :self.n_audio].mean(2), k[:, :, self.n_audio:].mean(2)], 2)
+        return F.scaled_dot_product_attention(q, k, v)[:, 0, 0], q[:, :, 0].detach(), key_means.detach()
+
+
+def inputs(g, n=8):
+    return torch.randn(n, 1, 16, generator=g), torch.randn(n, 5, 16, generator=g)   # (B, 1, C), (B, T, C)
+
+
+def test_two_forwards_per_step_with_the_first_observed_roll_and_the_unrotated_query_is_still_refused():
+    torch.manual_seed(0)
+    fusion, controller, g = MyFusion(), RollingQ(max_rolls=None), torch.Generator().manual_seed(0)
+    for epoch in range(3):
+        for _ in range(2):
+            _, q, k = fusion(*inputs(g))                        # the view RollingQ observes
+            fusion(*inputs(g))                                  # a second forward (another view, a teacher)
+            controller.observe(q, k)
+        assert controller.step(fusion)["rolls"] == epoch + 1
+    cls, tokens = inputs(g)
+    _, _, k = fusion(cls, tokens)
+    controller.observe(fusion.q(cls).detach(), k)               # q, not R q
+    with pytest.raises(ValueError, match="observe the rotated query R q"):
+        controller.step(fusion)
+
+
+def test_observing_only_the_first_micro_batch_of_each_accumulated_step_rolls():
+    torch.manual_seed(0)
+    fusion, controller, g = MyFusion(), RollingQ(max_rolls=None), torch.Generator().manual_seed(1)
+    for epoch in range(3):
+        for _ in range(2):                                      # optimiser steps
+            for micro in range(4):                              # micro-batches accumulated into one step
+                _, q, k = fusion(*inputs(g, n=4))
+                if micro == 0:
+                    controller.observe(q, k)
+        assert controller.step(fusion)["rolls"] == epoch + 1
+
+
+class TwoFusions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fusion_a, self.fusion_b = MyFusion(), MyFusion(n_audio=2)
+
+    def forward(self, cls, tokens):
+        return self.fusion_a(cls, tokens), self.fusion_b(cls, tokens)
+
+
+def test_a_model_with_two_fusion_layers_rolls_each_with_its_own_controller():
+    torch.manual_seed(0)
+    model, g = TwoFusions(), torch.Generator().manual_seed(2)
+    controllers = {"fusion_a": RollingQ(), "fusion_b": RollingQ()}    # one per layer, as the contract says
+    for _ in range(3):
+        outputs = dict(zip(controllers, model(*inputs(g))))
+        for name, controller in controllers.items():
+            controller.observe(*outputs[name][1:])
+    records = {name: c.step(getattr(model, name)) for name, c in controllers.items()}
+    assert all(r["rolled"] for r in records.values())
+    assert int(model.fusion_a.rotation.rolls) == int(model.fusion_b.rotation.rolls) == 1
+    assert not torch.allclose(model.fusion_a.rotation.R, model.fusion_b.rotation.R)   # each its own anchor
+    controller = RollingQ()
+    controller.observe(*model(*inputs(g))[0][1:])
+    with pytest.raises(ValueError, match="one RollingQ per layer, each stepping its layer"):
+        controller.step(model)
 
 
 def test_the_controller_names_what_it_needs_when_a_model_has_no_or_two_rotations():

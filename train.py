@@ -1,12 +1,13 @@
 """Train a multimodal Transformer with or without RollingQ; report accuracy, AIR and attention.
 
-    python train.py --rollingq                 # RollingQ on the built-in synthetic data
+    python train.py --rollingq                 # RollingQ on the default data
     python train.py                            # vanilla attention fusion, same data and seed
     python train.py --data feats.npz --rollingq --out runs/mine --save runs/mine/model.pt
     torchrun --nproc_per_node=2 train.py --rollingq     # DistributedDataParallel
 
 Read top to bottom: the loop, the evaluation, one run, the command line. experiments/ call
-run() and train_step(); README says what a run prints and writes.
+run() and train_step() (the study adds the paper's measures); README says what a run prints
+and writes.
 """
 
 import argparse
@@ -27,8 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as datasets
-from rollingq import (Config, MultimodalTransformer, RollingQ, Unimodal, air_from_cosines, key_gap, leading_modality,
-                      modality_cosines)
+from rollingq import (Config, MultimodalTransformer, RollingQ, Unimodal, attention_imbalance_rate, key_gap,
+                      modality_cosines, modality_leads)
 
 # ----------------------------------------------------------------------------------------
 # The training loop
@@ -160,54 +161,26 @@ def evaluate(model, xs, y, names, batch_size=512, per_sample=False):
     shares = torch.cat(shares) if attention else None                 # (N, M)
     if attention:
         result["attention"] = {m: float(s) for m, s in zip(names, shares.mean(0))}
-        air = air_from_cosines(cos / n)                               # (nh,) the paper's AIR, per head
+        air = attention_imbalance_rate(cos / n)                       # (nh,) the paper's AIR, per head
         result.update(air_heads=air.tolist(), air=float(air.mean()), key_gap=key_gap(keys / n))
         if len(names) > 2:                                            # whose lead AIR is
-            result["air_leader"] = names[int(leading_modality((cos / n).mean(0)))]
+            result["air_leader"] = names[int(modality_leads((cos / n).mean(0)).argmax())]
     return (result, shares) if per_sample else result
 
 
-NOISE_LEVELS = (0.25, 0.5, 1.0)                                       # corruption levels besides 0 (clean)
-
-
-def pearson(a, b):
-    a, b = a - a.mean(), b - b.mean()
-    return float(a @ b / (a.norm() * b.norm())) if a.norm() > 0 and b.norm() > 0 else None
-
-
-def final_evaluation(model, xs, y, names, test_noise=None):
-    """The test set clean and with each modality corrupted at NOISE_LEVELS (data.corrupted;
-    noise:m is level 1, the modality replaced by noise); for attention fusion also the paper's
-    measures of dynamic fusion: per modality, the Pearson r over test samples between its
-    attention share and its quality u (each sample's modality corrupted at level 1 - u, the
-    others clean), and, where the data says which samples were drawn as pure noise in a modality
-    (built-in), its attention share on those samples against the informative ones."""
-    zs, u = datasets.noise_draws(xs)                                  # the same draw for every model
-
-    def swap(j, x_j):                                                 # xs with modality j replaced by x_j
-        return [x_j if i == j else x for i, x in enumerate(xs)]
-    clean, shares = evaluate(model, xs, y, names, per_sample=True)    # shares: (N, M)
-    final = {**clean, "acc": {"clean": clean["acc"]}, "acc_by_level": {}}
-    if shares is not None:
-        final.update(attention={"clean": clean["attention"]}, attention_quality_r={})
+def final_evaluation(model, xs, y, names):
+    """The test set clean, and with each modality in turn replaced by noise of its own mean and
+    std (noise:m, data.corrupted at level 1): how much the model leans on each."""
+    zs, _ = datasets.noise_draws(xs)                                  # the same draw for every model
+    clean = evaluate(model, xs, y, names)
+    final = {**clean, "acc": {"clean": clean["acc"]}}
+    if "attention" in clean:
+        final["attention"] = {"clean": clean["attention"]}
     for j, m in enumerate(names):
-        final["acc_by_level"][m] = {"0": clean["acc"]}
-        for level in NOISE_LEVELS:
-            r = evaluate(model, swap(j, datasets.corrupted(xs[j], level, zs[j])), y, names)
-            final["acc_by_level"][m][f"{level:g}"] = r["acc"]
-            if level == 1.0:                                          # noise:m, the modality replaced
-                final["acc"][f"noise:{m}"] = r["acc"]
-                if shares is not None:
-                    final["attention"][f"noise:{m}"] = r["attention"]
-        if shares is not None:
-            level = (1 - u[:, j]).view(-1, 1, 1)                      # (N, 1, 1)
-            _, by_quality = evaluate(model, swap(j, datasets.corrupted(xs[j], level, zs[j])), y, names, per_sample=True)
-            final["attention_quality_r"][m] = pearson(by_quality[:, j], u[:, j])
-    if shares is not None and test_noise is not None:
-        noise = test_noise.to(xs[0].device)                           # (N, M) bool
-        final["attention_by_noise"] = {m: {kind: float(shares[picked, j].mean()) if picked.any() else None
-                                           for kind, picked in (("noise", noise[:, j]), ("informative", ~noise[:, j]))}
-                                       for j, m in enumerate(names)}
+        ev = evaluate(model, [datasets.corrupted(x, 1.0, zs[j]) if i == j else x for i, x in enumerate(xs)], y, names)
+        final["acc"][f"noise:{m}"] = ev["acc"]
+        if "attention" in ev:
+            final["attention"][f"noise:{m}"] = ev["attention"]
     return final
 
 
@@ -215,18 +188,11 @@ def final_evaluation(model, xs, y, names, test_noise=None):
 # One run
 
 
-def run(args, data, device, log=print, on_step=None):
-    """Build (or load), train unless --eval-only, and evaluate one model; returns (model, metrics)."""
-    rank, world = 0, 1
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:                   # torchrun: nccl, a GPU per process; or gloo
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            if device.index >= torch.cuda.device_count():
-                raise UsageError(f"torchrun started more processes than the {torch.cuda.device_count()} GPU(s) here")
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+def run(args, data, device, log=print, on_step=None, warm_start=None, measures=None):
+    """Build (or load), train unless --eval-only, and evaluate one model; returns (model, metrics).
+    The study's hooks: warm_start(model, xs, y, test_xs, test_y) before training, its record kept
+    as metrics["pretrain"]; measures(model, test_xs, test_y, data, final), more for metrics["final"]."""
+    device, rank, world = setup_distributed(device)
     torch.manual_seed(args.seed)
     controller = checked(RollingQ, args.beta, args.sigma, args.max_rolls) if args.rollingq else None
     if args.unimodal:                                                 # the multimodal model's encoder, alone
@@ -244,12 +210,19 @@ def run(args, data, device, log=print, on_step=None):
     metrics = {"config": run_config(args, model), "epochs": [], "final": None}
     # in-memory data: moved to the device once, batches are index slices there
     test_xs, test_y = [x.to(device) for x in data.test_x], data.test_y.to(device)
-    if args.eval_only:
-        metrics["final"] = final_evaluation(model, test_xs, test_y, data.names, data.test_noise)
+
+    def finish(extra):
+        final = final_evaluation(model, test_xs, test_y, data.names)
+        metrics["final"] = {**final, **(measures(model, test_xs, test_y, data, final) if measures else {}), **extra}
+        if world > 1:
+            metrics["distributed"] = {"world_size": world, "ranks_agree": ranks_agree(model, metrics, world)}
         return model, metrics
+
+    if args.eval_only:
+        return finish({})
     xs, y = [x.to(device) for x in data.train_x], data.train_y.to(device)
-    if args.pretrain_epochs:
-        metrics["pretrain"] = pretrain(model, xs, y, test_xs, test_y, args, device, log if rank == 0 else lambda s: None)
+    if warm_start is not None:
+        metrics["pretrain"] = warm_start(model, xs, y, test_xs, test_y)
 
     def on_epoch(epoch, loss, record, seconds):                       # evaluate on the test set, print one line
         t0 = time.perf_counter()
@@ -262,15 +235,31 @@ def run(args, data, device, log=print, on_step=None):
             log(epoch_line(epoch, args.epochs, loss, ev, rolls, record, seconds + time.perf_counter() - t0))
 
     train_seconds = train(model, xs, y, args, args.epochs, device, controller, on_epoch, on_step, log)
-    metrics["final"] = {**final_evaluation(model, test_xs, test_y, data.names, data.test_noise),
-                        "train_seconds": train_seconds}
-    if world > 1:                                                     # every rank: the same rotation and metrics?
-        mine = (model.fusion.rotation.R.tolist() if hasattr(model, "fusion") else None,
-                json.dumps({"epochs": metrics["epochs"], "acc": metrics["final"]["acc"]}, sort_keys=True))
-        every = [None] * world
-        dist.all_gather_object(every, mine)
-        metrics["distributed"] = {"world_size": world, "ranks_agree": all(e == every[0] for e in every)}
-    return model, metrics
+    return finish({"train_seconds": train_seconds})
+
+
+def setup_distributed(device):
+    """Under torchrun: the process group (nccl with a GPU per process, or gloo on the CPU) and this
+    process's device; returns (device, rank, world size), (device, 0, 1) without torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"torchrun started more processes than the {torch.cuda.device_count()} GPU(s) here")
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def ranks_agree(model, metrics, world):
+    """Whether every rank ended with the same rotation, epochs and accuracies."""
+    mine = (model.fusion.rotation.R.tolist() if hasattr(model, "fusion") else None,
+            json.dumps({"epochs": metrics["epochs"], "acc": metrics["final"]["acc"]}, sort_keys=True))
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return all(e == every[0] for e in every)
 
 
 def build_config(args, data):
@@ -290,30 +279,10 @@ def checked(make, *args, **kwargs):
         raise UsageError(f"{e}" + (f" ({', '.join(names)})" if names else "")) from None
 
 
-# --pretrain-epochs: each encoder alone first, our stand-in for the paper's ImageNet-21k weights,
-# with a recipe of its own that trains it (--optimizer, --lr, --schedule set the multimodal phase)
-PRETRAIN = {"optimizer": "adamw", "lr": 1e-3, "schedule": "constant"}
-
-
-def pretrain(model, xs, y, test_xs, test_y, args, device, log):
-    """Train each encoder alone with a linear head, with PRETRAIN; returns the recipe and accuracies."""
-    recipe = argparse.Namespace(**{**vars(args), **PRETRAIN})
-    result = {"recipe": {**PRETRAIN, "epochs": args.pretrain_epochs, "batch_size": args.batch_size},
-              "train_acc": {}, "test_acc": {}}
-    for j, name in enumerate(model.cfg.modalities):
-        solo = Unimodal(model.cfg, name, model.encoders[j]).to(device)
-        train(solo, [xs[j]], y, recipe, args.pretrain_epochs, device, log=log)
-        result["train_acc"][name] = evaluate(solo, [xs[j]], y, [name])["acc"]
-        result["test_acc"][name] = evaluate(solo, [test_xs[j]], test_y, [name])["acc"]
-        log(f"pretrained {name}: accuracy train {result['train_acc'][name]:.4f}, test {result['test_acc'][name]:.4f} "
-            f"after {args.pretrain_epochs} epochs")
-    return result
-
-
 def describe(args, data, model, device, world, trained_on=None):
     """The opening line: what this run is about to do (`trained_on`: load_checkpoint's word on the model's data)."""
     shapes = ", ".join(f"{m} {L}x{D}" for m, (L, D) in data.modalities.items())
-    parts = [f"data {args.data or 'built-in synthetic'}: {shapes} (tokens x features), "
+    parts = [f"data {args.data}: {shapes} (tokens x features), "
              f"{len(data.train_y)} train / {len(data.test_y)} test, {data.n_classes} classes"]
     attention, rolls = hasattr(model, "fusion"), "none" if args.max_rolls is None else args.max_rolls
     rolled = int(model.fusion.rotation.rolls) if attention else 0     # > 0: a loaded model's rolls
@@ -337,9 +306,7 @@ def describe(args, data, model, device, world, trained_on=None):
         parts.append(f"AIR > 0: {data.names[0]} favoured, < 0: {data.names[1]}" if len(data.names) == 2
                      else "AIR: the favoured modality's lead (named)")
     if not args.eval_only:
-        parts.append(f"{args.optimizer} lr {args.lr:g} {args.schedule}, {args.epochs} epochs, batch {args.batch_size}"
-                     + (f", warm start: each encoder alone first, {args.pretrain_epochs} epochs of {PRETRAIN['optimizer']} "
-                        f"lr {PRETRAIN['lr']:g} {PRETRAIN['schedule']}" if args.pretrain_epochs else ""))
+        parts.append(f"{args.optimizer} lr {args.lr:g} {args.schedule}, {args.epochs} epochs, batch {args.batch_size}")
     return " | ".join(parts + [f"{device}" + (f" x {world} processes" if world > 1 else ""),
                                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"])
 
@@ -369,15 +336,15 @@ def run_config(args, model):
     return {**config, "model": arch, **({"loaded": {"path": args.load, "rolls_done": rolls_done}} if args.load else {})}
 
 
-def save_checkpoint(path, model, data_path):
-    """The config, the state dict (with the rotation) and where the data came from (None: built-in)."""
+def save_checkpoint(path, model, data):
+    """The config, the state dict (with the rotation) and the data it was trained on (--data)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": asdict(model.cfg), "model": model.state_dict(), "data": data_path and str(data_path)}, path)
+    torch.save({"config": asdict(model.cfg), "model": model.state_dict(), "data": str(data)}, path)
 
 
-def load_checkpoint(path, data, data_path):
-    """A model saved by save_checkpoint, for `data` (read from data_path, None: built-in), and a note on the data it
-    was trained on for the opening line. One saved before fusion_head existed is prenorm (R on the layer)."""
+def load_checkpoint(path, data, data_name):
+    """A model saved by save_checkpoint, for `data` (--data data_name), and a note for the opening
+    line when it was trained on other data of the same shapes."""
     try:
         with warnings.catch_warnings():                               # e.g. on a pickle's protocol: refused below
             warnings.simplefilter("ignore")
@@ -388,27 +355,20 @@ def load_checkpoint(path, data, data_path):
         raise UsageError(f"--load {path}: {e.strerror}") from None
     except Exception:                                                 # KeyError, RuntimeError, UnpicklingError, ...:
         checkpoint = None                                             # not a file torch.save wrote
-    if not (isinstance(checkpoint, dict) and {"config", "model"} <= checkpoint.keys()):
+    if not (isinstance(checkpoint, dict) and {"config", "model", "data"} <= checkpoint.keys()):
         raise UsageError(f"--load {path}: not a checkpoint written by train.py --save "
-                         f"(expected a torch.save file holding 'config' and 'model')")
-    trained_on = checkpoint.get("data")                               # a path, or None: the built-in set
-    if "data" in checkpoint and (trained_on is None) != (data_path is None):   # a file against the built-in set
-        built_in = "the built-in synthetic data"
-        raise UsageError(f"--load {path}: the model was trained on {trained_on or built_in}; this run uses "
-                         f"{data_path or built_in}: " + (f"pass --data {trained_on}" if trained_on else "drop --data"))
+                         f"(expected a torch.save file holding 'config', 'model' and 'data')")
     try:
-        model = MultimodalTransformer(cfg := Config(**{"fusion_head": "prenorm", **checkpoint["config"]}))
-        model.load_state_dict({re.sub(r"^fusion\.(R|rolls)$", r"fusion.rotation.\1", k): v
-                               for k, v in checkpoint["model"].items()})
+        model = MultimodalTransformer(cfg := Config(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
     except (TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise UsageError(f"--load {path}: its config and state dict do not fit this rollingq.py "
                          f"({' '.join(str(e).split())[:150]})") from None
     if list(cfg.modalities.items()) != list(data.modalities.items()) or cfg.n_classes != data.n_classes:
-        raise UsageError(f"--load {path}: the model expects modalities {cfg.modalities} and "
-                         f"{cfg.n_classes} classes, the data has {data.modalities} and {data.n_classes}")
-    if "data" not in checkpoint:                                      # saved before save_checkpoint recorded it
-        return model, "data source not recorded"
-    return model, None if trained_on == data_path else f"trained on {trained_on}"
+        raise UsageError(f"--load {path}: the model was trained on {checkpoint['data']}, whose modalities "
+                         f"{cfg.modalities} and {cfg.n_classes} classes this data ({data_name}: {data.modalities}, "
+                         f"{data.n_classes} classes) does not have: pass --data {checkpoint['data']}")
+    return model, None if checkpoint["data"] == str(data_name) else f"trained on {checkpoint['data']}"
 
 
 def write_json(path, obj, quiet=False):
@@ -472,15 +432,14 @@ def build_parser(description=None, out="write DIR/metrics.json", prog=None):
     g.add_argument("--dropout", type=float, default=0.2, help="dropout on the fusion attention weights and output "
                    "(default: %(default)s, the authors' value)")
     g = p.add_argument_group("model and training")
-    g.add_argument("--data", metavar="PATH.npz", help="your features (see README); default: built-in synthetic data")
+    g.add_argument("--data", metavar="NAME|PATH.npz", default="synthetic", help="a set in the box (avdigits: real "
+                   "spoken and handwritten digits; synthetic: drawn from a seed) or your features (see README)")
     g.add_argument("--epochs", type=int, default=25, help="passes over the training set")
     g.add_argument("--batch-size", type=int, default=64, help="global batch size (split across ranks)")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd: momentum 0.9 (the authors')")
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     g.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="cosine (the authors'): linear warm-up over 2.5 epochs, then cosine decay to zero, per step")
-    g.add_argument("--pretrain-epochs", type=int, default=0, metavar="N", help="warm start: first train each encoder "
-                   "alone on its own modality for N epochs")
     g.add_argument("--unimodal", metavar="NAME", help="the unimodal baseline: train the encoder of modality NAME (one "
                    "of the data's modality names; built-in: audio, visual) with a linear head, on that modality alone")
     g.add_argument("--width", type=int, default=64, help="model width d_model")
@@ -514,19 +473,17 @@ def check_args(a, parser):
     for name in ("epochs", "batch_size", "lr"):
         if not 0 < getattr(a, name) < math.inf:                      # also refuses nan
             raise UsageError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(a, name)}")
-    if a.pretrain_epochs < 0:
-        raise UsageError(f"--pretrain-epochs must be >= 0, got {a.pretrain_epochs}")
     if not 0 <= a.seed < 2**63:
         raise UsageError(f"--seed must be in 0..2**63-1, got {a.seed}")
     if a.eval_only and not a.load:
         raise UsageError("--eval-only needs --load PATH (a model saved with --save)")
-    if a.load and (a.unimodal or a.pretrain_epochs):
-        raise UsageError("--load continues a saved model; it takes no --unimodal or --pretrain-epochs")
+    if a.load and a.unimodal:
+        raise UsageError("--load continues a saved model; it takes no --unimodal")
     given = [f"--{name.replace('_', '-')}" for name in ARCHITECTURE if getattr(a, name) != parser.get_default(name)]
     if a.load and given:                                              # a flag given at its default value passes
         raise UsageError(f"--load brings its own architecture; drop {', '.join(given)}")
-    if a.unimodal and (a.rollingq or a.save or a.pretrain_epochs):
-        raise UsageError("--unimodal trains one encoder alone; it takes no --rollingq, --save or --pretrain-epochs")
+    if a.unimodal and (a.rollingq or a.save):
+        raise UsageError("--unimodal trains one encoder alone; it takes no --rollingq or --save")
     if a.rollingq and a.fusion == "concat":
         raise UsageError("--rollingq rolls the fusion attention's query; it needs --fusion attention")
     if a.batch_size < int(os.environ.get("WORLD_SIZE", "1")):
@@ -551,13 +508,12 @@ def get_device(name):
 
 
 def load_data(args, seed=0):
-    """The data of --data, or the built-in set of --preset drawn from `seed`; an unknown --unimodal
-    name is refused here."""
+    """The data of --data: a set in the box drawn from `seed`, or a file; an unknown --unimodal name
+    is refused here."""
     if args.preset == "paper" and args.device == "cpu":
         print("--preset paper is a GPU setting: on a CPU one training step takes minutes (at 256 + 196 tokens, "
               "half the preset's, the first took 48 s on a 2-core VM)", flush=True)
-    data = datasets.load_npz(args.data) if args.data else \
-        datasets.synthetic(seed, **(datasets.PAPER_SIZE if args.preset == "paper" else {}))
+    data = datasets.load(args.data, seed, **(datasets.PAPER_SIZE if args.preset == "paper" else {}))
     if args.unimodal:
         data.select(args.unimodal)
     return data
@@ -577,7 +533,7 @@ def main(argv=None):
             if args.out:
                 write_json(Path(args.out) / "metrics.json", metrics)
             if args.save:
-                save_checkpoint(args.save, model, args.data or None)
+                save_checkpoint(args.save, model, args.data)
                 print(f"saved the model to {args.save} (reload: --load {args.save})")
     finally:
         if dist.is_initialized():

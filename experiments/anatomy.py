@@ -17,7 +17,7 @@ from pathlib import Path
 
 import train
 from experiments import parse, save_figure
-from rollingq import air_from_cosines, modality_cosines
+from rollingq import attention_imbalance_rate, modality_cosines
 
 
 def anatomy(args, data, device, every=5):
@@ -26,7 +26,7 @@ def anatomy(args, data, device, every=5):
     trace, ref = [], {}
 
     def air_of(q, K):                                                 # AIR of mean vectors, mean over heads
-        return float(air_from_cosines(modality_cosines(q, K)).mean())
+        return float(attention_imbalance_rate(modality_cosines(q, K)).mean())
 
     def on_step(model, epoch, step, out):
         rolls = int(model.fusion.rotation.rolls)
@@ -41,7 +41,7 @@ def anatomy(args, data, device, every=5):
         mass = out.attention.float()                                      # (B, nh, M)
         share = (mass / mass.sum(-1, keepdim=True)).mean((0, 1))          # (M,)
         trace.append({"epoch": epoch - 1 + step / steps_per_epoch, "rolls": rolls,
-                      "air": float(air_from_cosines(modality_cosines(q, K).mean(0)).mean()),
+                      "air": float(attention_imbalance_rate(modality_cosines(q, K).mean(0)).mean()),
                       "air_of_means": air_of(q_bar, K_bar),
                       # air_of_means - its value at the roll = query_part + key_part
                       "query_part": air_of(q_bar, ref["K"]) - air_of(ref["q"], ref["K"]),

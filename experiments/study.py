@@ -1,17 +1,19 @@
 """The reproduction study: does RollingQ do what the paper says, on this data, with this head?
 
-    python -m experiments.study --out runs/study                       # built-in data: the paper regime first
-    python -m experiments.study --regimes default,authors --fusion-head prenorm --out runs/study-prenorm
-    python -m experiments.study --data runs/digits.npz --out runs/study-digits   # docs/reproduction.md makes the file
+    python -m experiments.study --data avdigits --regimes paper,default --out runs/study-avdigits
+    python -m experiments.study --data synthetic --out runs/study          # the paper regime first
+    python -m experiments.study --data yours.npz --regimes default --seeds 3 --out runs/mine
 
 For each training regime, over --seeds seeds: static concat, vanilla attention and RollingQ
 (1 roll, 3 rolls, every epoch; in the paper regime also 1 and 3 rolls with the authors' roll
-statistics), plus the unimodal runs that measure the data's premise. The built-in data is drawn
-anew from each seed; a --data file is the same for every seed. Prints the premise and, per
-regime, a table of accuracies (clean, and the favoured modality corrupted at train.NOISE_LEVELS),
-one of the paper's measures of dynamic fusion and one of per-seed values; with --out writes
-study.md, study.json, study.png (with matplotlib) and one file per run in runs/, so an
-interrupted study resumes where it stopped.
+statistics), plus the unimodal runs that measure the data's premise. A set in the box is drawn
+from each seed (synthetic: a new draw; avdigits: a new pairing of images with recordings); a
+--data file is the same for every seed. Every row of a seed shares its data, initialisation and
+batch order with that seed's vanilla row, so effects are read as paired differences from vanilla.
+Prints the premise and, per regime, tables of accuracies (clean, and the favoured modality
+corrupted at measures.NOISE_LEVELS), the paper's measures of dynamic fusion, the paired
+differences and per-seed values; with --out writes study.md, study.json, study.png (with
+matplotlib) and one file per run in runs/, so an interrupted study resumes where it stopped.
 """
 
 import argparse
@@ -23,15 +25,18 @@ from pathlib import Path
 
 import torch
 
+import data as datasets
 import train
 from experiments import parse, save_figure
+from experiments.measures import NOISE_LEVELS, paper_measures
+from rollingq import Unimodal
 
 # Each regime and row is a set of argument overrides.
 # The paper regime, the closest stand-in for the paper's setting we can build: each encoder first
-# trained alone (train.PRETRAIN for 20 epochs: 15 brought the built-in set's visual encoder only
-# to 2.7 points below its unimodal accuracy) stands in for the ImageNet-21k weights; then the
-# authors' exact recipe: SGD (momentum 0.9, wd 1e-4), lr 1e-3, warm-up 2.5 epochs + cosine, 30
-# epochs, batch 64, fusion dropout 0.2.
+# trained alone (PRETRAIN for 20 epochs: 15 brought the synthetic set's visual encoder only to 2.7
+# points below its unimodal accuracy) stands in for the ImageNet-21k weights; then the authors'
+# exact recipe: SGD (momentum 0.9, wd 1e-4), lr 1e-3, warm-up 2.5 epochs + cosine, 30 epochs,
+# batch 64, fusion dropout 0.2.
 PAPER = {"optimizer": "sgd", "lr": 1e-3, "schedule": "cosine", "dropout": 0.2, "epochs": 30, "batch_size": 64,
          "pretrain_epochs": 20}
 # The authors' recipe at lr 0.01 for encoders from scratch (with 1e-3 the built-in set's visual
@@ -61,18 +66,42 @@ def rows_of(regime):
     return {**ROWS, **(PASS_ROWS if regime == "paper" else {})}
 
 
+# The warm start (pretrain_epochs > 0): each encoder alone first, with a recipe of its own that
+# trains it (the regime's optimizer, lr and schedule then set the multimodal phase).
+PRETRAIN = {"optimizer": "adamw", "lr": 1e-3, "schedule": "constant"}
+
+
+def warm_start(args, device):
+    """train.run's warm_start hook: train each encoder alone with a linear head, with PRETRAIN,
+    for args.pretrain_epochs; its record holds the recipe and each encoder's accuracies."""
+    recipe = argparse.Namespace(**{**vars(args), **PRETRAIN})
+
+    def hook(model, xs, y, test_xs, test_y):
+        result = {"recipe": {**PRETRAIN, "epochs": args.pretrain_epochs, "batch_size": args.batch_size},
+                  "train_acc": {}, "test_acc": {}}
+        for j, name in enumerate(model.cfg.modalities):
+            solo = Unimodal(model.cfg, name, model.encoders[j]).to(device)
+            train.train(solo, [xs[j]], y, recipe, args.pretrain_epochs, device, log=lambda line: None)
+            result["train_acc"][name] = train.evaluate(solo, [xs[j]], y, [name])["acc"]
+            result["test_acc"][name] = train.evaluate(solo, [test_xs[j]], test_y, [name])["acc"]
+        return result
+    return hook
+
+
 def study_run(args, overrides, data, device, cache, flags):
     """One run of the study (`flags`: the names of train.py's own flags); with --out its metrics
     are kept in DIR/runs/<hash>.json, so an interrupted study resumes where it stopped and
     identical runs are made once."""
     run_args = argparse.Namespace(**{**{k: v for k, v in vars(args).items() if k in flags},
-                                     "load": None, "eval_only": False, "unimodal": None, **overrides})
+                                     "load": None, "eval_only": False, "unimodal": None, "pretrain_epochs": 0,
+                                     **overrides})
     key = {k: v for k, v in vars(run_args).items() if k not in ("device", "out", "save")}
     path = cache / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json") \
         if cache else None
     if path and path.exists():
         return json.loads(path.read_text()), True
-    model, metrics = train.run(run_args, data, device, log=lambda line: None)
+    model, metrics = train.run(run_args, data, device, log=lambda line: None, measures=paper_measures,
+                               warm_start=warm_start(run_args, device) if run_args.pretrain_epochs else None)
     if run_args.unimodal:
         j = data.names.index(run_args.unimodal)
         metrics["correct"] = correct_per_sample(model, [data.test_x[j].to(device)], data.test_y.to(device))
@@ -105,8 +134,8 @@ def study(args, device):
     results, flags = {}, set(vars(train.parse_args([])))
     t_start, made = time.perf_counter(), 0
     for i, (regime, row, seed, overrides) in enumerate(plan, 1):
-        if seed not in current:                                       # built-in: drawn from each seed, one kept
-            current = {seed: first if args.data else train.load_data(args, seed)}   # a --data file: one set
+        if seed not in current:                                       # a set in the box: drawn from each seed
+            current = {seed: train.load_data(args, seed) if args.data in datasets.NAMED else first}
         metrics, cached = study_run(args, {**overrides, "seed": seed}, current[seed], device, cache, flags)
         results.setdefault(regime, {}).setdefault(row, []).append(metrics)
         made += not cached
@@ -192,10 +221,11 @@ def premise(unimodal_rows, rows, names):
 
 
 def study_tables(rows, names, favoured):
-    """Three markdown tables, a row per fusion: accuracies and the paper's measures of dynamic
-    fusion (mean ± std over seeds), and the headline accuracies seed by seed."""
+    """Markdown tables, a row per fusion: accuracies and the paper's measures of dynamic fusion
+    (mean ± std over seeds), each again as paired differences from vanilla, and the headline
+    accuracies seed by seed; `paired` holds the differences as numbers, for the JSON."""
     others = [m for m in names if m != favoured]
-    levels = [f"{level:g}" for level in train.NOISE_LEVELS]
+    levels = [f"{level:g}" for level in NOISE_LEVELS]
 
     def attn(f, key, m=favoured):                                     # None where there is none: mean_std prints "-"
         return f[key][m] if key in f else None
@@ -216,20 +246,45 @@ def study_tables(rows, names, favoured):
                    ("\\|AIR\\|", lambda f: abs(f["air"]) if "air" in f else None),
                    ("key gap", lambda f: f.get("key_gap"))])
 
-    def table(columns, cell):
+    vanilla = [m["final"] for m in rows["attention (vanilla)"]]
+
+    def table(columns, cell, skip=()):                               # cell(values, vanilla's values of the same seeds)
         lines = ["| fusion | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---|" * len(columns)]
         for row, runs in rows.items():
-            if not row.startswith("unimodal"):
-                lines.append(f"| {row} | " + " | ".join(cell([get(m["final"]) for m in runs]) for _, get in columns) + " |")
+            if not row.startswith("unimodal") and row not in skip:
+                lines.append(f"| {row} | " + " | ".join(cell([get(m["final"]) for m in runs], [get(f) for f in vanilla])
+                                                        for _, get in columns) + " |")
         return "\n".join(lines)
 
+    def as_text(values, base):
+        d = paired(values, base)
+        return "-" if d is None else f"{d['mean']:+.3f} ± {d['sd']:.3f} ({d['same_sign']}/{d['n']})"
+
     per_seed = [("acc clean", lambda f: f["acc"]["clean"]), (f"{favoured} at 1", lambda f: f["acc"][f"noise:{favoured}"])]
-    return {"favoured": favoured, "accuracy": table(accuracy, mean_std), "dynamics": table(dynamics, mean_std),
-            "per_seed": table(per_seed, lambda values: " ".join(f"{v:.3f}" for v in values))}
+    numbers = {row: {name: paired([get(m["final"]) for m in runs], [get(f) for f in vanilla])
+                     for name, get in accuracy + dynamics}
+               for row, runs in rows.items() if not row.startswith("unimodal") and row != "attention (vanilla)"}
+    return {"favoured": favoured, "accuracy": table(accuracy, lambda v, b: mean_std(v)),
+            "accuracy_paired": table(accuracy, as_text, skip=("attention (vanilla)",)),
+            "dynamics": table(dynamics, lambda v, b: mean_std(v)),
+            "dynamics_paired": table(dynamics, as_text, skip=("attention (vanilla)", "concat")),
+            "per_seed": table(per_seed, lambda v, b: " ".join(f"{x:.3f}" for x in v)), "paired": numbers}
+
+
+def paired(values, base):
+    """The per-seed differences values - base (each seed's row minus its vanilla run): their mean,
+    sd, and how many seeds share the mean's sign (a zero difference shares none); None where a
+    value is missing."""
+    if not values or any(v is None for v in values + base):
+        return None
+    d = [v - b for v, b in zip(values, base)]
+    mean = statistics.mean(d)
+    return {"mean": mean, "sd": statistics.stdev(d) if len(d) > 1 else 0.0,
+            "same_sign": sum(x * mean > 0 for x in d), "n": len(d), "differences": d}
 
 
 def study_markdown(args, report):
-    source = args.data or "built-in synthetic data, drawn from each seed"
+    source = f"{args.data}, drawn from each seed" if args.data in datasets.NAMED else args.data
     out = [f"## Study: {source}, {args.fusion_head} head, {plural(args.seeds, 'seed')} (mean ± std over seeds)"]
     for regime, tables in report["tables"].items():
         p = report["premise"][regime]
@@ -250,8 +305,13 @@ def study_markdown(args, report):
                 "r: Pearson correlation over test samples between a modality's attention share and its quality u, "
                 "each sample's modality corrupted at level 1 − u.", ""]
         note = identical_rows(epochs)
-        out += ([note, ""] if note else []) + ["Accuracy:", "", tables["accuracy"], "", "Dynamic fusion:", "",
-                                               tables["dynamics"], "", "Per seed (0, 1, ...):", "", tables["per_seed"]]
+        out += ([note, ""] if note else []) + [
+            "Accuracy (mean ± std over seeds):", "", tables["accuracy"], "",
+            "Accuracy, paired: each seed's run minus that seed's vanilla run, mean ± sd (seeds sharing the mean's "
+            "sign):", "", tables["accuracy_paired"], "",
+            "Dynamic fusion (mean ± std over seeds):", "", tables["dynamics"], "",
+            "Dynamic fusion, paired with vanilla:", "", tables["dynamics_paired"], "",
+            "Per seed (0, 1, ...):", "", tables["per_seed"]]
     return "\n".join(out)
 
 
@@ -312,11 +372,11 @@ def parse_args(argv=None):
                                "DIR/runs/ (a study started again resumes from them; delete them after changing the "
                                "code or the data)", prog="python -m experiments.study")
     g = p.add_argument_group("study")
-    g.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for every row (built-in data: each draws its own set)")
+    g.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for every row (a set in the box: each draws its own)")
     g.add_argument("--regimes", type=regimes_arg, default="paper,default,authors", metavar="A,B",
                    help=f"comma-separated, from: {', '.join(REGIMES)}")
     args = parse(p, argv, fixed=("rollingq", "fusion", "max_rolls", "seed", "unimodal", "load", "eval_only", "save",
-                                 "pretrain_epochs", "roll_stats"))
+                                 "roll_stats"))
     if args.seeds < 1:
         raise train.UsageError(f"--seeds must be at least 1, got {args.seeds}")
     return args

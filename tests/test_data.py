@@ -96,3 +96,17 @@ def test_corruption_keeps_each_modalitys_mean_and_std_and_every_model_meets_the_
         signal = float(torch.corrcoef(torch.stack([noised.flatten(), x.flatten()]))[0, 1]) ** 2
         assert signal == pytest.approx(1 - level, abs=0.02)     # the signal keeps 1 - level of the variance
     assert torch.equal(datasets.corrupted(x, 1.0, zs[0]), x.mean(0, keepdim=True) + x.std(0, correction=0, keepdim=True) * zs[0])
+
+
+def test_avdigits_is_in_the_box_and_a_seed_pairs_each_recording_with_another_image_of_its_digit():
+    a, b = datasets.load("avdigits"), datasets.load("avdigits", seed=1)
+    assert a.names == ["audio", "visual"] and a.modalities == {"audio": (16, 64), "visual": (16, 49)}
+    assert (len(a.train_y), len(a.test_y), a.n_classes) == (2400, 600, 10)
+    for split in ("train", "test"):
+        (xa, va), (xb, vb), y = getattr(a, f"{split}_x"), getattr(b, f"{split}_x"), getattr(a, f"{split}_y")
+        assert torch.equal(xa, xb) and torch.equal(y, getattr(b, f"{split}_y"))   # recordings and labels stay
+        assert (va.flatten(1) != vb.flatten(1)).any(1).float().mean() > 0.9       # nearly every image moved
+        for digit in range(10):                                 # to another recording of the same digit
+            rows = lambda v: sorted(map(tuple, v[y == digit].flatten(1).tolist()))   # noqa: E731
+            assert rows(va) == rows(vb)
+    assert torch.equal(datasets.load("avdigits", seed=1).test_x[1], b.test_x[1])  # the same seed, the same pairing

@@ -1,5 +1,6 @@
 """Specification of experiments/: the study, the anatomy of a roll and the benchmark."""
 
+import re
 import statistics
 import sys
 
@@ -10,7 +11,7 @@ from conftest import TINY, cli, refused
 import data as datasets
 import experiments
 import train
-from experiments import anatomy, bench, study
+from experiments import anatomy, bench, measures, study
 
 
 def test_study_resumes_from_its_run_files_and_reports_premise_and_tables(tiny_npz, tmp_path, capsys, monkeypatch):
@@ -30,6 +31,13 @@ def test_study_resumes_from_its_run_files_and_reports_premise_and_tables(tiny_np
         assert lines[3].startswith("| attention (vanilla)") and " ± " in lines[-1]
         assert tables["favoured"] in ("audio", "visual") and f"{tables['favoured']} at 0.25" in lines[0]
         assert "| r audio | r visual |" in tables["dynamics"] and len(tables["per_seed"].splitlines()[2].split()) > 5
+        paired = tables["accuracy_paired"].splitlines()             # every row but vanilla, minus vanilla's seeds
+        assert len(paired) == len(lines) - 1 and "| attention (vanilla)" not in tables["accuracy_paired"]
+        assert re.search(r"\| [+-]\d\.\d{3} ± \d\.\d{3} \([0-2]/2\) \|", paired[2])
+        concat = tables["paired"]["concat"]["acc clean"]
+        vanilla, mine = (results[regime][row] for row in ("attention (vanilla)", "concat"))
+        assert concat["differences"] == [c["final"]["acc"]["clean"] - v["final"]["acc"]["clean"]
+                                         for c, v in zip(mine, vanilla)] and concat["n"] == 2
         premise = report["premise"][regime]
         assert set(premise["a_unimodal_acc"]) == {"audio", "visual"} and isinstance(premise["d_holds"], bool)
     assert set(report["premise"]["paper"]["warm_start_test_acc"]) == {"audio", "visual"}
@@ -43,7 +51,7 @@ def test_study_resumes_from_its_run_files_and_reports_premise_and_tables(tiny_np
     assert [c["seed"] for c in configs] == [0, 1] and all(c["optimizer"] == "sgd" and c["max_rolls"] is None for c in configs)
 
 
-def test_the_built_in_data_is_drawn_from_each_seed():
+def test_a_set_in_the_box_is_drawn_from_each_seed():
     args = study.parse_args([])
     assert args.regimes == ["paper", "default", "authors"] and args.seeds == 5
     a, b = train.load_data(args, 0), train.load_data(args, 1)
@@ -53,7 +61,7 @@ def test_the_built_in_data_is_drawn_from_each_seed():
 def test_the_study_header_counts_in_words_and_says_once_which_rows_cannot_differ():
     def markdown(seeds):
         return study.study_markdown(study.parse_args(["--seeds", str(seeds)]), {"tables": {}})
-    assert markdown(1).startswith("## Study: built-in synthetic data, drawn from each seed, authors head, 1 seed")
+    assert markdown(1).startswith("## Study: synthetic, drawn from each seed, authors head, 1 seed")
     assert "3 seeds" in markdown(3)
     assert study.identical_rows(2) == ("With 2 epochs at most 1 roll is possible (a roll needs an epoch after it): "
                                        'the rows "RollingQ, 1 roll", "RollingQ, 3 rolls" and "RollingQ, every epoch" '
@@ -115,3 +123,33 @@ def test_figures_are_an_optional_extra(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)        # import matplotlib now fails
     experiments.save_figure(lambda plt: None, tmp_path / "figure.png")
     assert "no figure" in capsys.readouterr().out and not (tmp_path / "figure.png").exists()
+
+
+def test_the_warm_start_trains_each_encoder_alone_with_its_own_recipe(tiny_npz):
+    # a multimodal phase that cannot learn (lr 1e-9) leaves the pretraining untouched
+    args = study.parse_args(["--data", tiny_npz, *TINY, "--epochs", "1", "--optimizer", "sgd", "--lr", "1e-9"])
+    args.pretrain_epochs = 2
+    _, m = train.run(args, datasets.load_npz(tiny_npz), torch.device("cpu"), log=lambda line: None,
+                     warm_start=study.warm_start(args, torch.device("cpu")))
+    assert m["pretrain"]["recipe"] == {**study.PRETRAIN, "epochs": 2, "batch_size": 32}
+    assert set(m["pretrain"]["train_acc"]) == set(m["pretrain"]["test_acc"]) == {"audio", "visual"}
+    assert m["pretrain"]["train_acc"]["audio"] > 0.5 and m["pretrain"]["test_acc"]["audio"] > 0.5   # chance: 0.25
+
+
+def test_the_papers_measures_grade_the_noise_correlate_attention_with_quality_and_split_by_noise(tiny_npz):
+    d = datasets.load_npz(tiny_npz)
+    d.test_noise = torch.rand(len(d.test_y), 2, generator=torch.Generator().manual_seed(0)) < 0.3   # as synthetic()
+    args = train.parse_args([*TINY, "--epochs", "1"])
+    model, metrics = train.run(args, d, torch.device("cpu"), log=lambda line: None, measures=measures.paper_measures)
+    m = metrics["final"]
+    assert set(m["acc_by_level"]) == {"audio", "visual"} and list(m["acc_by_level"]["audio"]) == ["0", "0.25", "0.5", "1"]
+    assert m["acc_by_level"]["audio"]["1"] == m["acc"]["noise:audio"] and m["acc_by_level"]["visual"]["0"] == m["acc"]["clean"]
+    assert all(-1 <= r <= 1 for r in m["attention_quality_r"].values())
+    assert set(m["attention_by_noise"]["visual"]) == {"noise", "informative"}
+    xs, y = d.test_x, d.test_y                                  # level 1 is train.py's own noise:audio pass
+    zs, _ = datasets.noise_draws(xs)
+    again = train.evaluate(model, [datasets.corrupted(xs[0], 1.0, zs[0]), xs[1]], y, d.names)["acc"]
+    assert again == m["acc"]["noise:audio"]
+    concat = train.run(train.parse_args([*TINY, "--epochs", "1", "--fusion", "concat"]), d, torch.device("cpu"),
+                       log=lambda line: None, measures=measures.paper_measures)[1]["final"]
+    assert "acc_by_level" in concat and "attention_quality_r" not in concat

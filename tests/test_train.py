@@ -55,20 +55,6 @@ def test_train_writes_metrics_and_a_checkpoint_that_reloads_to_the_same_accuracy
         "rotation (rolled 1 time), no further rolls |" in opening and "vanilla" not in opening
 
 
-def test_a_checkpoint_from_before_the_head_choice_loads_as_prenorm(tmp_path, tiny_npz):
-    d = datasets.load_npz(tiny_npz)
-    model = MultimodalTransformer(Config(d.modalities, d.n_classes, d_model=16, n_layers=1, fusion_head="prenorm"))
-    model.fusion.rotation.roll({0: -torch.eye(16)})
-    config = {k: v for k, v in vars(model.cfg).items() if k != "fusion_head"}
-    state = {k.replace("fusion.rotation.", "fusion."): v for k, v in model.state_dict().items()}   # the old names
-    torch.save({"config": config, "model": state}, tmp_path / "old.pt")
-    loaded, trained_on = train.load_checkpoint(tmp_path / "old.pt", d, tiny_npz)
-    assert loaded.cfg.fusion_head == "prenorm" and int(loaded.fusion.rotation.rolls) == 1
-    assert trained_on == "data source not recorded"             # said in the opening line, not refused
-    xs = [x[:8] for x in d.test_x]
-    assert torch.equal(loaded.eval()(xs).logits, model.eval()(xs).logits)
-
-
 def test_same_seed_gives_identical_metrics(tiny_npz):
     d = datasets.load_npz(tiny_npz)
     a, b = (run_in_process(["--rollingq", *TINY, "--seed", "3"], d) for _ in range(2))
@@ -101,11 +87,10 @@ def test_cli_bad_input_gets_one_line_exit_status_2_and_leaves_no_out_folder(tmp_
     d = datasets.load_npz(tiny_npz)
     model = MultimodalTransformer(Config(d.modalities, d.n_classes, d_model=16))
     train.save_checkpoint(tmp_path / "tiny.pt", model, tiny_npz)
-    train.save_checkpoint(tmp_path / "built-in.pt", model, None)
     torch.save({"config": {**vars(model.cfg), "d_model": 32}, "model": model.state_dict(), "data": tiny_npz},
                tmp_path / "misfit.pt")
-    not_a_checkpoint = "not a checkpoint written by train.py --save (expected a torch.save file holding 'config' and " \
-                       "'model')"
+    not_a_checkpoint = "not a checkpoint written by train.py --save (expected a torch.save file holding 'config', " \
+                       "'model' and 'data')"
     cases = [
         (["--data", str(tmp_path / "missing.npz")], "no such file"),
         (["--data", str(small_npz(tmp_path / "bad.npz", train_visual=np.full((40, 6), np.nan)))], "NaN or inf"),
@@ -115,12 +100,12 @@ def test_cli_bad_input_gets_one_line_exit_status_2_and_leaves_no_out_folder(tmp_
         (["--lr", "nan"], "--lr must be positive and finite"),
         (["--data", tiny_npz, "--load", str(tmp_path / "notes.txt")], f"notes.txt: {not_a_checkpoint}"),
         (["--data", tiny_npz, "--load", tiny_npz], f"tiny.npz: {not_a_checkpoint}"),
-        (["--load", str(tmp_path / "tiny.pt")], f"tiny.pt: the model was trained on {tiny_npz}; this run uses the "
-                                                f"built-in synthetic data: pass --data {tiny_npz}"),
-        (["--data", tiny_npz, "--load", str(tmp_path / "built-in.pt")],
-         f"built-in.pt: the model was trained on the built-in synthetic data; this run uses {tiny_npz}: drop --data"),
-        (["--data", str(small_npz(tmp_path / "other.npz")), "--load", str(tmp_path / "tiny.pt")],
-         "the model expects modalities {'audio': (4, 6), 'visual': (1, 15)}"),
+        (["--data", "avdigit"], "--data avdigit: neither a set in the box (avdigits, synthetic) nor a file"),
+        (["--load", str(tmp_path / "tiny.pt")], f"tiny.pt: the model was trained on {tiny_npz}, whose modalities "
+                                                "{'audio': (4, 6), 'visual': (1, 15)} and 4 classes this data (synthetic: "
+                                                f"{{'audio': (8, 16), 'visual': (16, 16)}}, 8 classes) does not have: "
+                                                f"pass --data {tiny_npz}"),
+        (["--data", "avdigits", "--load", str(tmp_path / "tiny.pt")], f"pass --data {tiny_npz}"),
         (["--data", tiny_npz, "--load", str(tmp_path / "misfit.pt")],
          "misfit.pt: its config and state dict do not fit this rollingq.py (Error(s) in loading state_dict"),
         (["--data", tiny_npz, "--load", str(tmp_path / "tiny.pt"), "--width", "16", "--fusion-head", "prenorm"],
@@ -171,7 +156,7 @@ def test_help_shows_each_default_zero_included():
     r = cli("--help")
     text = " ".join(r.stdout.split())                           # argparse wraps lines
     assert r.returncode == 0 and "--fusion-head {authors,prenorm}" in text
-    for flag, default in (("--beta", "0.0"), ("--seed", "0"), ("--pretrain-epochs", "0"), ("--max-rolls", "1"),
+    for flag, default in (("--beta", "0.0"), ("--seed", "0"), ("--max-rolls", "1"),
                           ("--dropout", "0.2"), ("--epochs", "25"), ("--fusion-head", "authors")):
         assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(default)}[,)]", text), flag
     assert "--dropout DROPOUT dropout on the fusion attention weights and output (default: 0.2, the authors' value)" in text
@@ -251,15 +236,6 @@ def test_unimodal_run_measures_one_modality_alone(tmp_path, tiny_npz):
     assert "attention" not in m["final"] and "probe_acc" not in m["final"]
 
 
-def test_warm_start_trains_each_encoder_alone_with_its_own_recipe(tiny_npz):
-    # a multimodal phase that cannot learn (lr 1e-9) leaves the pretraining untouched
-    m = run_in_process(["--pretrain-epochs", "2", *TINY, "--epochs", "1", "--optimizer", "sgd", "--lr", "1e-9"],
-                       datasets.load_npz(tiny_npz))
-    assert m["pretrain"]["recipe"] == {**train.PRETRAIN, "epochs": 2, "batch_size": 32}
-    assert set(m["pretrain"]["train_acc"]) == set(m["pretrain"]["test_acc"]) == {"audio", "visual"}
-    assert m["pretrain"]["train_acc"]["audio"] > 0.5 and m["pretrain"]["test_acc"]["audio"] > 0.5   # chance: 0.25
-
-
 def test_three_modalities_name_the_leader_of_air():
     M = datasets.Modality
     d = datasets.synthetic(seed=0, n_train=128, n_test=64, n_classes=3, modalities=(
@@ -267,18 +243,6 @@ def test_three_modalities_name_the_leader_of_air():
     m = run_in_process([*TINY, "--epochs", "1"], d)
     assert m["final"]["air_leader"] in d.names and m["final"]["air"] >= 0
     assert all(e["air_leader"] in d.names for e in m["epochs"])
-
-
-def test_metrics_hold_the_papers_measures_of_dynamic_fusion(tiny_npz):
-    d = datasets.load_npz(tiny_npz)
-    d.test_noise = torch.rand(len(d.test_y), 2) < 0.3          # as synthetic() gives it
-    m = run_in_process([*TINY, "--epochs", "1"], d)["final"]
-    assert set(m["acc_by_level"]) == {"audio", "visual"} and list(m["acc_by_level"]["audio"]) == ["0", "0.25", "0.5", "1"]
-    assert m["acc_by_level"]["audio"]["1"] == m["acc"]["noise:audio"] and m["acc_by_level"]["visual"]["0"] == m["acc"]["clean"]
-    assert all(-1 <= r <= 1 for r in m["attention_quality_r"].values())
-    assert set(m["attention_by_noise"]["visual"]) == {"noise", "informative"}
-    concat = run_in_process([*TINY, "--epochs", "1", "--fusion", "concat"], d)["final"]
-    assert "acc_by_level" in concat and "attention_quality_r" not in concat
 
 
 def test_roll_stats_pass_takes_the_mean_keys_from_an_eval_pass_over_the_training_set(tiny_npz):
