@@ -26,8 +26,9 @@ Features (modality order: audio, then visual):
   hop 160, FFT 512, power, 32 HTK mel bands from 0 to 4000 Hz, log(power + 1e-6). The signal is
   zero-padded (or cropped, keeping its start) to 5280 samples = exactly 32 frames, so a short
   recording ends in frames of silence, log(1e-6). Standardised per mel band with the mean and std
-  of all training frames, then cut into 8 bands x 8 frames patches: a 4 x 4 grid (band block, then
-  frame block, row-major), each patch's 64 values row-major (band, frame).
+  of all training frames, then cut in time: 16 tokens of 2 consecutive frames (40 ms of hop) x 32
+  bands, each token's 64 values frame-major (frame, band). (2-D patches of 8 bands x 8 frames were
+  tried first: audio learned no faster than the images, see docs/reproduction.md.)
 - visual (N, 16, 49): image / 255, 16 patches of 7 x 7, row-major patch order, pixels row-major.
 Stored as float16 (labels int64) in an .npz written byte-for-byte deterministically.
 """
@@ -180,7 +181,8 @@ def build(source=SOURCE, test_speakers=None):
         recs = [r for r, keep in zip(recordings, rows) if keep]
         images = pair_images(recs, *mnist[split], split)             # (N, 28, 28)
         arrays[f"{split}_y"] = np.array([d for d, _, _ in recs], np.int64)
-        arrays[f"{split}_audio"] = patches((spectra[rows] - mean) / std, 8, 8).astype(np.float16)   # (N, 16, 64)
+        frames = ((spectra[rows] - mean) / std).transpose(0, 2, 1)    # (N, 32 frames, 32 bands)
+        arrays[f"{split}_audio"] = frames.reshape(-1, 16, 64).astype(np.float16)   # (N, 16, 2 frames x 32 bands)
         arrays[f"{split}_visual"] = patches(images / 255, 7, 7).astype(np.float16)              # (N, 16, 49)
     return {k: arrays[k] for k in ("train_y", "test_y", "train_audio", "test_audio", "train_visual", "test_visual")}
 
