@@ -297,11 +297,9 @@ def check_target(query_mean, key_means, air):
 
 
 def check_rotation(src, dst):
-    if src.dim() != 1 or src.shape != dst.shape:
-        raise ValueError(f"rotation_matrix expects two vectors of the same length d; "
-                         f"got shapes {tuple(src.shape)} and {tuple(dst.shape)}")
-    if len(src) < 2:
-        raise ValueError(f"rotation_matrix needs d >= 2 to rotate, got d = {len(src)}")
+    if src.dim() != 1 or src.shape != dst.shape or len(src) < 2:
+        raise ValueError(f"rotation_matrix expects two vectors of the same length d >= 2; got shapes {tuple(src.shape)} "
+                         f"and {tuple(dst.shape)}")
     if src.norm() == 0 or dst.norm() == 0:
         raise ValueError("rotation_matrix got a zero vector: it has no direction to rotate")
 
@@ -323,11 +321,10 @@ def check_settings(beta, sigma, max_rolls):
 def check_observed(query, key_means):
     if query is None or key_means is None:
         raise ValueError("RollingQ.observe needs the CLS query and the mean keys: the output of model(xs, stats=True)")
-    if query.dim() != 3 or key_means.dim() != 4 or key_means.shape[:2] + key_means.shape[3:] != query.shape:
-        raise ValueError(f"RollingQ.observe expects query (B, nh, hs) and key_means (B, nh, M, hs); "
-                         f"got {tuple(query.shape)} and {tuple(key_means.shape)}")
-    if key_means.shape[2] < 2:
-        raise ValueError(f"RollingQ.observe needs the mean keys of at least 2 modalities, got {key_means.shape[2]}")
+    if query.dim() != 3 or key_means.dim() != 4 or key_means.shape[:2] + key_means.shape[3:] != query.shape \
+            or key_means.shape[2] < 2:
+        raise ValueError(f"RollingQ.observe expects query (B, nh, hs) and key_means (B, nh, M, hs) of M >= 2 "
+                         f"modalities; got {tuple(query.shape)} and {tuple(key_means.shape)}")
 
 
 def check_step(controller, rotation):

@@ -487,7 +487,7 @@ def test_controller_and_model_reject_bad_arguments():
     with pytest.raises(ValueError, match="stats=True"):
         out = tiny_model()(batch(0))
         RollingQ().observe(out.query, out.key_means)
-    with pytest.raises(ValueError, match=r"query \(B, nh, hs\) and key_means \(B, nh, M, hs\); got \(4, 8\)"):
+    with pytest.raises(ValueError, match=r"query \(B, nh, hs\) and key_means \(B, nh, M, hs\) of M >= 2 modalities; got \(4, 8\)"):
         RollingQ().observe(torch.zeros(4, 8), torch.zeros(4, 1, 2, 8))
     controller = RollingQ()
     controller.observe(torch.ones(4, 1, 8), torch.ones(4, 1, 2, 8))
@@ -646,7 +646,7 @@ def test_step_refuses_the_unrotated_query_a_rotation_never_applied_and_nan():
     controller.observe(out.query * float("nan"), out.key_means)
     with pytest.raises(ValueError, match="hold NaN or inf"):
         controller.step(model)
-    with pytest.raises(ValueError, match="at least 2 modalities, got 1"):
+    with pytest.raises(ValueError, match=r"of M >= 2 modalities; got \(12, 1, 16\) and \(12, 1, 1, 16\)"):
         controller.observe(out.query, out.key_means[:, :, :1])
 
 

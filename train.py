@@ -282,29 +282,24 @@ def checked(make, *args, **kwargs):
 def describe(args, data, model, device, world, trained_on=None):
     """The opening line: what this run is about to do (`trained_on`: load_checkpoint's word on the model's data)."""
     shapes = ", ".join(f"{m} {L}x{D}" for m, (L, D) in data.modalities.items())
-    parts = [f"data {args.data}: {shapes} (tokens x features), "
-             f"{len(data.train_y)} train / {len(data.test_y)} test, {data.n_classes} classes"]
-    attention, rolls = hasattr(model, "fusion"), "none" if args.max_rolls is None else args.max_rolls
-    rolled = int(model.fusion.rotation.rolls) if attention else 0     # > 0: a loaded model's rolls
+    parts = [f"data {args.data}: {shapes} (tokens x features), {len(data.train_y)} train / {len(data.test_y)} test, "
+             f"{data.n_classes} classes"]
+    rolled = int(model.fusion.rotation.rolls) if hasattr(model, "fusion") else 0   # > 0: a loaded model's rolls
     if args.load:
-        notes = [trained_on] + ([f"rolls done: {rolled}"] if args.rollingq else [])
+        notes = [trained_on, args.rollingq and f"rolls done: {rolled}"]
         parts.append(f"loaded {args.load}" + "".join(f" ({n})" for n in notes if n))
-    if args.unimodal:
-        parts.append(f"unimodal {args.unimodal}, {args.fusion_head} encoder")
-    elif not attention:
-        parts.append(f"concat fusion, {model.cfg.fusion_head} encoders")
+    if args.unimodal or not hasattr(model, "fusion"):
+        parts.append(f"unimodal {args.unimodal}, {args.fusion_head} encoder" if args.unimodal else
+                     f"concat fusion, {model.cfg.fusion_head} encoders")
     else:
-        if args.rollingq:
-            method = (f"RollingQ (beta {args.beta:g}, sigma {args.sigma:g}, max-rolls {rolls}, roll-stats {args.roll_stats}"
-                      + ("; no roll: a roll needs an epoch after it" if args.epochs < 2 else "") + ")")
-        elif rolled:                                                  # a loaded model keeps its rotation
-            method = f"loaded with its rotation (rolled {rolled} time{'s' * (rolled != 1)}), no further rolls"
-        else:
-            method = "vanilla"
-        parts.append(f"attention fusion, {model.cfg.fusion_head} head, fusion dropout {model.cfg.fusion_dropout:g}, "
-                     + method)
-        parts.append(f"AIR > 0: {data.names[0]} favoured, < 0: {data.names[1]}" if len(data.names) == 2
-                     else "AIR: the favoured modality's lead (named)")
+        rolls = "none" if args.max_rolls is None else args.max_rolls
+        method = (f"RollingQ (beta {args.beta:g}, sigma {args.sigma:g}, max-rolls {rolls}, roll-stats {args.roll_stats}"
+                  + ("; no roll: a roll needs an epoch after it" if args.epochs < 2 else "") + ")" if args.rollingq else
+                  f"loaded with its rotation (rolled {rolled} time{'s' * (rolled != 1)}), no further rolls" if rolled
+                  else "vanilla")
+        parts += [f"attention fusion, {model.cfg.fusion_head} head, fusion dropout {model.cfg.fusion_dropout:g}, {method}",
+                  f"AIR > 0: {data.names[0]} favoured, < 0: {data.names[1]}" if len(data.names) == 2
+                  else "AIR: the favoured modality's lead (named)"]
     if not args.eval_only:
         parts.append(f"{args.optimizer} lr {args.lr:g} {args.schedule}, {args.epochs} epochs, batch {args.batch_size}")
     return " | ".join(parts + [f"{device}" + (f" x {world} processes" if world > 1 else ""),
@@ -432,7 +427,7 @@ def build_parser(description=None, out="write DIR/metrics.json", prog=None):
     g.add_argument("--dropout", type=float, default=0.2, help="dropout on the fusion attention weights and output "
                    "(default: %(default)s, the authors' value)")
     g = p.add_argument_group("model and training")
-    g.add_argument("--data", metavar="NAME|PATH.npz", default="synthetic", help="a set in the box (avdigits: real "
+    g.add_argument("--data", metavar="NAME|PATH.npz", default="avdigits", help="a set in the box (avdigits: real "
                    "spoken and handwritten digits; synthetic: drawn from a seed) or your features (see README)")
     g.add_argument("--epochs", type=int, default=25, help="passes over the training set")
     g.add_argument("--batch-size", type=int, default=64, help="global batch size (split across ranks)")
@@ -441,15 +436,16 @@ def build_parser(description=None, out="write DIR/metrics.json", prog=None):
     g.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="cosine (the authors'): linear warm-up over 2.5 epochs, then cosine decay to zero, per step")
     g.add_argument("--unimodal", metavar="NAME", help="the unimodal baseline: train the encoder of modality NAME (one "
-                   "of the data's modality names; built-in: audio, visual) with a linear head, on that modality alone")
+                   "of the data's modality names; the sets in the box: audio, visual) with a linear head, on it alone")
     g.add_argument("--width", type=int, default=64, help="model width d_model")
     g.add_argument("--layers", type=int, default=2, help="Transformer blocks per modality encoder")
     g.add_argument("--encoder-heads", type=int, default=4, help="attention heads in the encoder blocks")
     g.add_argument("--heads", type=int, default=1, help="fusion attention heads (the paper uses 1)")
     g.add_argument("--preset", choices=sorted(PRESETS), default="small", help="small: the sizes shown above for "
                    "--width, --layers, --encoder-heads and --heads; paper: width 768, 4 encoder layers of 12 heads, "
-                   "512 + 588 tokens of built-in data (the authors' Kinetics-Sounds counts): a GPU setting (explicit flags still win)")
-    g.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch order")
+                   "with --data synthetic 512 + 588 tokens (the authors' Kinetics-Sounds counts): a GPU setting (explicit flags win)")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, batch order and a set in the box's "
+                   "draw (avdigits: which image goes with which recording)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     g = p.add_argument_group("files")
     g.add_argument("--out", metavar="DIR", help=out)
@@ -507,13 +503,14 @@ def get_device(name):
     return torch.device(name)
 
 
-def load_data(args, seed=0):
-    """The data of --data: a set in the box drawn from `seed`, or a file; an unknown --unimodal name
-    is refused here."""
+def load_data(args, seed=None):
+    """The data of --data: a set in the box drawn from `seed` (default --seed), or a file; an unknown
+    --unimodal name is refused here."""
     if args.preset == "paper" and args.device == "cpu":
         print("--preset paper is a GPU setting: on a CPU one training step takes minutes (at 256 + 196 tokens, "
               "half the preset's, the first took 48 s on a 2-core VM)", flush=True)
-    data = datasets.load(args.data, seed, **(datasets.PAPER_SIZE if args.preset == "paper" else {}))
+    data = datasets.load(args.data, args.seed if seed is None else seed,
+                         **(datasets.PAPER_SIZE if args.preset == "paper" else {}))
     if args.unimodal:
         data.select(args.unimodal)
     return data

@@ -1,8 +1,12 @@
 """Experiments around the reference: each module runs with `python -m experiments.NAME`.
 
-    study     the reproduction study: concat, vanilla attention and RollingQ, over seeds and regimes
-    anatomy   one RollingQ run traced step by step around each roll
-    bench     training samples/s with and without RollingQ, side by side
+    study        the reproduction study: concat, vanilla attention and RollingQ, over seeds and regimes
+    token_share  what makes the fusion attention leave the token share: one change at a time
+    anatomy      one RollingQ run traced step by step around each roll
+    bench        training samples/s with and without RollingQ, side by side
+    avdigits     builds datasets/avdigits.npz from the raw sources (FSDD, MNIST)
+
+measures holds the paper's measures of dynamic fusion, which the study adds to every run.
 
 They import train (and through it rollingq and data), never the other way round, and write
 what they make (JSON, markdown, figures) under --out.

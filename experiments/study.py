@@ -1,7 +1,7 @@
 """The reproduction study: does RollingQ do what the paper says, on this data, with this head?
 
-    python -m experiments.study --data avdigits --regimes paper,default --out runs/study-avdigits
-    python -m experiments.study --data synthetic --out runs/study          # the paper regime first
+    python -m experiments.study --out runs/study-avdigits                  # AV digits: paper, default regimes
+    python -m experiments.study --data synthetic --regimes paper --out runs/study-synthetic
     python -m experiments.study --data yours.npz --regimes default --seeds 3 --out runs/mine
 
 For each training regime, over --seeds seeds: static concat, vanilla attention and RollingQ
@@ -373,7 +373,7 @@ def parse_args(argv=None):
                                "code or the data)", prog="python -m experiments.study")
     g = p.add_argument_group("study")
     g.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for every row (a set in the box: each draws its own)")
-    g.add_argument("--regimes", type=regimes_arg, default="paper,default,authors", metavar="A,B",
+    g.add_argument("--regimes", type=regimes_arg, default="paper,default", metavar="A,B",
                    help=f"comma-separated, from: {', '.join(REGIMES)}")
     args = parse(p, argv, fixed=("rollingq", "fusion", "max_rolls", "seed", "unimodal", "load", "eval_only", "save",
                                  "roll_stats"))

@@ -53,15 +53,18 @@ def test_study_resumes_from_its_run_files_and_reports_premise_and_tables(tiny_np
 
 def test_a_set_in_the_box_is_drawn_from_each_seed():
     args = study.parse_args([])
-    assert args.regimes == ["paper", "default", "authors"] and args.seeds == 5
-    a, b = train.load_data(args, 0), train.load_data(args, 1)
+    assert args.regimes == ["paper", "default"] and args.seeds == 5 and args.data == "avdigits"
+    a, b = train.load_data(args, 0), train.load_data(args, 1)                       # the images re-paired
+    assert not torch.equal(a.train_x[1], b.train_x[1]) and torch.equal(a.train_x[1], train.load_data(args).train_x[1])
+    args = study.parse_args(["--data", "synthetic"])
+    a, b = train.load_data(args, 0), train.load_data(args, 1)                       # a new draw
     assert not torch.equal(a.train_x[0], b.train_x[0]) and torch.equal(a.train_x[0], train.load_data(args).train_x[0])
 
 
 def test_the_study_header_counts_in_words_and_says_once_which_rows_cannot_differ():
     def markdown(seeds):
         return study.study_markdown(study.parse_args(["--seeds", str(seeds)]), {"tables": {}})
-    assert markdown(1).startswith("## Study: synthetic, drawn from each seed, authors head, 1 seed")
+    assert markdown(1).startswith("## Study: avdigits, drawn from each seed, authors head, 1 seed")
     assert "3 seeds" in markdown(3)
     assert study.identical_rows(2) == ("With 2 epochs at most 1 roll is possible (a roll needs an epoch after it): "
                                        'the rows "RollingQ, 1 roll", "RollingQ, 3 rolls" and "RollingQ, every epoch" '
@@ -70,7 +73,7 @@ def test_the_study_header_counts_in_words_and_says_once_which_rows_cannot_differ
                                        'the rows "RollingQ, 3 rolls" and "RollingQ, every epoch" are identical runs.')
     assert study.identical_rows(5) is None
     r = cli("--help", module="experiments.study")
-    assert r.returncode == 0 and "(default: paper,default,authors)" in " ".join(r.stdout.split())
+    assert r.returncode == 0 and "(default: paper,default)" in " ".join(r.stdout.split())
 
 
 def test_a_warm_start_regime_takes_its_premise_from_the_same_regime_without_it():
@@ -153,3 +156,24 @@ def test_the_papers_measures_grade_the_noise_correlate_attention_with_quality_an
     concat = train.run(train.parse_args([*TINY, "--epochs", "1", "--fusion", "concat"]), d, torch.device("cpu"),
                        log=lambda line: None, measures=measures.paper_measures)[1]["final"]
     assert "acc_by_level" in concat and "attention_quality_r" not in concat
+
+
+def test_token_share_changes_one_thing_at_a_time_and_resumes(tiny_npz, tmp_path, monkeypatch, capsys):
+    from experiments import token_share
+    monkeypatch.setattr(study, "PAPER", {**study.PAPER, "epochs": 1, "pretrain_epochs": 1, "batch_size": 32})
+    monkeypatch.setattr(token_share, "VARIANTS", {"paper regime": {}, "cls": {"cls_std": 1.0}, "fresh": {"pretrain_epochs": 0}})
+    argv = ["--data", tiny_npz, "--seeds", "1", "--layers", "1", "--out", str(tmp_path)]
+    token_share.main(argv)
+    runs = {p.name: train.json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")}
+    assert set(runs) == {"paper-regime-0.json", "cls-0.json", "fresh-0.json"}
+    assert "pretrain" in runs["paper-regime-0.json"] and "pretrain" not in runs["fresh-0.json"]
+    configs = [r["config"] for r in runs.values()]
+    assert all(c["optimizer"] == "sgd" and c["lr"] == 1e-3 and not c["rollingq"] for c in configs)
+    assert runs["cls-0.json"]["config"]["cls_std"] == 1.0
+    table = (tmp_path / "token_share.md").read_text().splitlines()
+    assert table[2].startswith("| variant | attn ") and len(table) == 4 + 3
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
+    capsys.readouterr()
+    token_share.main(argv)                                      # resumed: every run kept, none made again
+    assert capsys.readouterr().out.count("| seed 0:") == 3
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")} == written

@@ -102,10 +102,10 @@ def test_cli_bad_input_gets_one_line_exit_status_2_and_leaves_no_out_folder(tmp_
         (["--data", tiny_npz, "--load", tiny_npz], f"tiny.npz: {not_a_checkpoint}"),
         (["--data", "avdigit"], "--data avdigit: neither a set in the box (avdigits, synthetic) nor a file"),
         (["--load", str(tmp_path / "tiny.pt")], f"tiny.pt: the model was trained on {tiny_npz}, whose modalities "
-                                                "{'audio': (4, 6), 'visual': (1, 15)} and 4 classes this data (synthetic: "
-                                                f"{{'audio': (8, 16), 'visual': (16, 16)}}, 8 classes) does not have: "
+                                                "{'audio': (4, 6), 'visual': (1, 15)} and 4 classes this data (avdigits: "
+                                                f"{{'audio': (16, 64), 'visual': (16, 49)}}, 10 classes) does not have: "
                                                 f"pass --data {tiny_npz}"),
-        (["--data", "avdigits", "--load", str(tmp_path / "tiny.pt")], f"pass --data {tiny_npz}"),
+        (["--data", "synthetic", "--load", str(tmp_path / "tiny.pt")], f"pass --data {tiny_npz}"),
         (["--data", tiny_npz, "--load", str(tmp_path / "misfit.pt")],
          "misfit.pt: its config and state dict do not fit this rollingq.py (Error(s) in loading state_dict"),
         (["--data", tiny_npz, "--load", str(tmp_path / "tiny.pt"), "--width", "16", "--fusion-head", "prenorm"],
