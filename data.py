@@ -135,7 +135,8 @@ def avdigits(seed=0):
             for digit in range(data.n_classes):
                 where = torch.nonzero(y == digit)[:, 0]
                 order[where] = where[torch.from_numpy(g.permutation(len(where)))]
-            xs[1] = xs[1][order]                                          # the visual modality, re-paired
+            v = data.names.index("visual")
+            xs[v] = xs[v][order]                                          # the images, re-paired
     return data
 
 

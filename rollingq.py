@@ -140,7 +140,8 @@ class QueryRotation(nn.Module):
          (B, nh, M, hs), from one forward pass: every training step, or only some (one of two
          forwards, some micro-batches of an accumulated step). After a roll, the unrotated q
          is refused: the rotation remembers a fingerprint of the rows it returned (each row's
-         first coordinate, the last 65,536 rows) and step() checks the observed rows are among them.
+         first coordinate, the last 65,536 rows) and step() checks the observed rows are among
+         them (so step before evaluating more rows than that, and DDP, not nn.DataParallel).
     Key bias: a pretrained block reused as the fusion layer may have one. It adds q·b_k to
     every logit of the CLS row alike, which the softmax ignores, but it shifts every key, and
     with them the cosines AIR and the anchor are read from: zero it (no attention weight
@@ -239,10 +240,10 @@ class RollingQ:
         cos = cos_sum / n_last                       # (nh, M)
         air = attention_imbalance_rate(cos)          # (nh,)
         lean = air if cos.shape[-1] == 2 else modality_leads(cos)
-        rotations, skipped = {}, []
+        rotations, skipped, allowed = {}, [], self.may_roll(rotation)
         for h in range(len(air)):
             # the roll condition: |AIR| > beta and fewer than r_time rolls so far
-            if abs(float(air[h])) <= self.beta or not self.may_roll(rotation):
+            if abs(float(air[h])) <= self.beta or not allowed:
                 continue
             try:
                 t = rolling_target(q_bar[h], K_bar[h], lean[h], self.sigma)   # the anchor
@@ -328,22 +329,24 @@ def check_observed(query, key_means):
 
 
 def check_step(controller, rotation):
-    """The last observed batch, once it is known to fit the rotation, to be finite and to be
-    rows the rotation returned; every rank raises together (one rank raising alone would hang
-    the others in the next collective)."""
-    if controller.last_batch is None:
-        raise ValueError("RollingQ.step: observe() saw no batch since the last step")
-    q, k_bar = controller.last_batch                                     # (B, nh, hs), (B, nh, M, hs)
+    """The last observed batch, once it is known to fit the rotation, to be finite and, after a
+    roll, to be rows the rotation returned (before one, R = I and q = R q). The set-up errors
+    are the same on every rank; the others are summed over ranks first, so every rank raises
+    together (a rank raising alone would hang the others in the next collective)."""
+    q, k_bar = controller.last_batch or (None, None)                     # (B, nh, hs), (B, nh, M, hs)
     nh, hs = rotation.R.shape[:2]
-    if q.shape[1:] != (nh, hs):
+    if q is not None and q.shape[1:] != (nh, hs):
         raise ValueError(f"RollingQ observed queries of {q.shape[1]} head(s) of width {q.shape[2]}, but the "
                          f"QueryRotation it found has {nh} head(s) of width {hs}")
-    if int(rotation.rolls) == 0 and int(rotation.n_returned) == 0:
+    if q is not None and int(rotation.rolls) == 0 and int(rotation.n_returned) == 0:
         raise ValueError("RollingQ.step: the QueryRotation was never applied; the attention layer must attend "
                          "with q_cls = rotation(q_cls)")
-    finite = all(bool(torch.isfinite(x).all()) for x in (q, k_bar, controller.key_sum))
-    returned = bool(torch.isin(q[..., 0].flatten().to(rotation.returned.device), rotation.returned).all())
-    nonfinite, unrotated = sum_over_ranks(q.new_tensor([not finite, not returned]))[0]
+    finite = q is None or all(bool(torch.isfinite(x).all()) for x in (q, k_bar, controller.key_sum))
+    returned = q is None or int(rotation.rolls) == 0 or \
+        bool(torch.isin(q[..., 0].flatten().to(rotation.returned.device), rotation.returned).all())
+    nothing, nonfinite, unrotated = sum_over_ranks(rotation.R.new_tensor([q is None, not finite, not returned]))[0]
+    if nothing:
+        raise ValueError("RollingQ.step: observe() saw no batch since the last step (on some rank)")
     if nonfinite:
         raise ValueError("RollingQ.step: the observed query or mean keys hold NaN or inf")
     if unrotated:
@@ -476,9 +479,10 @@ class FusionAttention(nn.Module):
     """The CLS token attends over [CLS; tokens of modality 1; ...; tokens of modality M]:
         a = softmax(R q kᵀ / sqrt(hs)),  y = dropout(proj(dropout(a) v))
     with q the CLS query and R its rotation. The authors' layer: separate q, k, v projections
-    Linear(C, C), each xavier_normal (variance 1/C); the key has no bias (theirs starts at zero
-    and stays there: it adds the same logit to every token). Only the CLS row is computed, the
-    one the classifier reads (the authors compute every row and keep row 0: the same output)."""
+    Linear(C, C) (xavier_normal, variance 1/C, under authors_init); the key has no bias (theirs
+    starts at zero and gets only rounding-level gradient: it adds the same logit to every
+    token). Only the CLS row is computed, the one the classifier reads (the authors compute
+    every row and keep row 0: the same output)."""
 
     def __init__(self, d_model, n_heads, spans, dropout=0.0):
         super().__init__()

@@ -720,7 +720,7 @@ class MyFusion(nn.Module):
 
     def __init__(self, width=16, n_audio=3):
         super().__init__()
-        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width, bias=False), nn.Linear(width, width)
         self.rotation = QueryRotation(n_heads=1, head_size=width)
         self.n_audio = n_audio
 
@@ -825,13 +825,15 @@ def test_a_compiled_forward_uses_the_new_rotation_after_a_roll():
     assert not torch.allclose(after.query, out.query, atol=1e-3)   # the rolled query, not a stale one
 
 
-def _observe_on_rank(rank, store, world, q, k, results):
+def _observe_on_rank(rank, store, world, q, k, results, silent=-1):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         rotation, controller = QueryRotation(1, 16), RollingQ()
         share = slice(rank * len(q) // world, (rank + 1) * len(q) // world)   # this rank's half of the batch
-        controller.observe(rotation(q[share][:, :, None])[:, :, 0], k[share])
+        rotated = rotation(q[share][:, :, None])[:, :, 0]
+        if rank != silent:                                      # the silent rank observes nothing
+            controller.observe(rotated, k[share])
         try:
             record = controller.step(rotation)
             torch.save({"R": rotation.R, "air": record["air"]}, f"{results}.{rank}")
@@ -856,6 +858,9 @@ def test_two_gloo_ranks_roll_as_one_process_on_the_same_global_batch(tmp_path):
     mp.spawn(_observe_on_rank, args=(str(tmp_path / "store2"), 2, q, k, str(tmp_path / "bad")), nprocs=2)
     for rank in range(2):
         assert "hold NaN or inf" in torch.load(tmp_path / f"bad.{rank}", weights_only=True)["error"]
+    mp.spawn(_observe_on_rank, args=(str(tmp_path / "store3"), 2, q, k, str(tmp_path / "none"), 1), nprocs=2)
+    for rank in range(2):                                       # a rank that saw no batch: both raise, none hangs
+        assert "saw no batch" in torch.load(tmp_path / f"none.{rank}", weights_only=True)["error"]
 
 
 def test_ten_thousand_composed_rolls_stay_orthogonal():

@@ -88,10 +88,11 @@ def warm_start(args, device):
     return hook
 
 
-def study_run(args, overrides, data, device, cache, flags):
+def study_run(args, overrides, data, device, cache, flags, start=None):
     """One run of the study (`flags`: the names of train.py's own flags); with --out its metrics
-    are kept in DIR/runs/<hash>.json, so an interrupted study resumes where it stopped and
-    identical runs are made once."""
+    are kept in DIR/runs/<hash of its arguments>.json, so an interrupted study resumes where it
+    stopped and identical runs are made once. start(run_args, device): the warm_start hook for
+    train.run (default: warm_start, if the run asks for pretraining epochs)."""
     run_args = argparse.Namespace(**{**{k: v for k, v in vars(args).items() if k in flags},
                                      "load": None, "eval_only": False, "unimodal": None, "pretrain_epochs": 0,
                                      **overrides})
@@ -100,8 +101,8 @@ def study_run(args, overrides, data, device, cache, flags):
         if cache else None
     if path and path.exists():
         return json.loads(path.read_text()), True
-    model, metrics = train.run(run_args, data, device, log=lambda line: None, measures=paper_measures,
-                               warm_start=warm_start(run_args, device) if run_args.pretrain_epochs else None)
+    hook = start(run_args, device) if start else warm_start(run_args, device) if run_args.pretrain_epochs else None
+    model, metrics = train.run(run_args, data, device, log=lambda line: None, measures=paper_measures, warm_start=hook)
     if run_args.unimodal:
         j = data.names.index(run_args.unimodal)
         metrics["correct"] = correct_per_sample(model, [data.test_x[j].to(device)], data.test_y.to(device))

@@ -13,48 +13,44 @@ issue's candidates changed, everything else held:
   adamw   AdamW (weight decay 0.01) instead of SGD, the same lr 1e-3 and schedule
 Per variant, over seeds (each its own data draw): the favoured modality's attention share (clean
 and with it replaced by noise), AIR, the attention-quality r, the clean accuracy and the other
-modality's probe. With --out each run is kept in DIR/runs/, so a stopped sweep resumes.
+modalities' probes. With --out each run is kept in DIR/runs/, so a stopped sweep resumes.
 """
 
-import argparse
-import json
-import statistics
 from pathlib import Path
 
 import torch
 
 import train
 from experiments import parse, study
-from experiments.measures import paper_measures
 
 VARIANTS = {"paper regime": {}, "steps": {"epochs": 100}, "lr": {"lr": 1e-2}, "width": {"width": 256},
             "cls": {"cls_std": 1.0}, "fresh": {"pretrain_epochs": 0}, "adamw": {"optimizer": "adamw"}}
 
 
-def variant_run(args, name, seed, data, device, cache):
-    """Vanilla attention in the paper regime with VARIANTS[name], from `seed`; kept in `cache`."""
-    path = cache / f"{name.replace(' ', '-')}-{seed}.json" if cache else None
-    if path and path.exists():
-        return json.loads(path.read_text())
+def variant_run(args, name, seed, data, device, cache, flags):
+    """Vanilla attention in the paper regime with VARIANTS[name], from `seed` (study.study_run: kept
+    in `cache` under a hash of every argument)."""
     overrides = {**study.PAPER, **study.ROWS["attention (vanilla)"], "seed": seed, **VARIANTS[name]}
-    run_args = argparse.Namespace(**{**vars(args), "load": None, "eval_only": False, "unimodal": None,
-                                     **overrides})
+    return study.study_run(args, overrides, data, device, cache, flags, start=start)[0]
+
+
+def start(run_args, device):
+    """The warm start (if any), then the fusion CLS token drawn at run_args.cls_std (if set)."""
     warm = study.warm_start(run_args, device) if run_args.pretrain_epochs else None
+    cls_std = getattr(run_args, "cls_std", None)
+    if warm is None and cls_std is None:
+        return None
 
-    def start(model, *batches):                                      # the warm start, then the CLS token's init
+    def hook(model, *batches):
         record = warm(model, *batches) if warm else None
-        if "cls_std" in overrides:
+        if cls_std is not None:
             with torch.no_grad():
-                model.cls.normal_(0, overrides["cls_std"])
+                model.cls.normal_(0, cls_std)
         return record
-    _, metrics = train.run(run_args, data, device, log=lambda line: None, measures=paper_measures,
-                           warm_start=start if warm or "cls_std" in overrides else None)
-    if path:
-        train.write_json(path, metrics, quiet=True)
-    return metrics
+    return hook
 
 
-def summary(runs, first, other):
+def summary(runs, first, others):
     """One markdown row of means ± std over seeds; `first`: the modality the paper regime favours."""
     cells = {f"attn {first} clean": [m["final"]["attention"]["clean"][first] for m in runs],
              f"attn {first} replaced": [m["final"]["attention"][f"noise:{first}"][first] for m in runs],
@@ -62,7 +58,7 @@ def summary(runs, first, other):
              f"r {first}": [m["final"]["attention_quality_r"][first] for m in runs],
              "acc clean": [m["final"]["acc"]["clean"] for m in runs],
              f"acc {first} replaced": [m["final"]["acc"][f"noise:{first}"] for m in runs],
-             f"probe {other}": [m["final"]["probe_acc"][other] for m in runs]}
+             **{f"probe {m}": [r["final"]["probe_acc"][m] for r in runs] for m in others}}
     return {k: study.mean_std(v) for k, v in cells.items()}
 
 
@@ -75,18 +71,18 @@ def main(argv=None):
     if args.seeds < 1:
         raise train.UsageError(f"--seeds must be at least 1, got {args.seeds}")
     device, cache = train.get_device(args.device), Path(args.out) / "runs" if args.out else None
+    flags = set(vars(train.parse_args([])))
     rows = {}
     for seed in range(args.seeds):
         data = train.load_data(args, seed)
         for name in VARIANTS:
-            m = variant_run(args, name, seed, data, device, cache)
+            m = variant_run(args, name, seed, data, device, cache, flags)
             rows.setdefault(name, []).append(m)
             print(f"{name} | seed {seed}: acc {m['final']['acc']['clean']:.3f}, attention "
                   f"{' '.join(f'{a:.3f}' for a in m['final']['attention']['clean'].values())}, air {m['final']['air']:+.3f}",
                   flush=True)
-    names = data.names                                               # favoured: by the paper regime's AIR
-    first = names[0] if statistics.mean(m["final"]["air"] for m in rows["paper regime"]) > 0 else names[1]
-    table = {name: summary(runs, first, names[1 - names.index(first)]) for name, runs in rows.items()}
+    first = study.favoured_modality(rows["paper regime"], data.names)
+    table = {name: summary(runs, first, [m for m in data.names if m != first]) for name, runs in rows.items()}
     columns = list(next(iter(table.values())))
     text = "\n".join([f"Vanilla attention, paper regime, one change at a time; {args.data}, {args.seeds} seeds "
                       "(mean ± std):", "", "| variant | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]

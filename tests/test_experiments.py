@@ -164,12 +164,13 @@ def test_token_share_changes_one_thing_at_a_time_and_resumes(tiny_npz, tmp_path,
     monkeypatch.setattr(token_share, "VARIANTS", {"paper regime": {}, "cls": {"cls_std": 1.0}, "fresh": {"pretrain_epochs": 0}})
     argv = ["--data", tiny_npz, "--seeds", "1", "--layers", "1", "--out", str(tmp_path)]
     token_share.main(argv)
-    runs = {p.name: train.json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")}
-    assert set(runs) == {"paper-regime-0.json", "cls-0.json", "fresh-0.json"}
-    assert "pretrain" in runs["paper-regime-0.json"] and "pretrain" not in runs["fresh-0.json"]
-    configs = [r["config"] for r in runs.values()]
-    assert all(c["optimizer"] == "sgd" and c["lr"] == 1e-3 and not c["rollingq"] for c in configs)
-    assert runs["cls-0.json"]["config"]["cls_std"] == 1.0
+    runs = [train.json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    by = {("cls" if "cls_std" in r["config"] else "fresh" if not r["config"]["pretrain_epochs"] else "paper"): r
+          for r in runs}
+    assert len(runs) == 3 and set(by) == {"paper", "cls", "fresh"} and by["cls"]["config"]["cls_std"] == 1.0
+    assert "pretrain" in by["paper"] and "pretrain" in by["cls"] and "pretrain" not in by["fresh"]
+    assert all(r["config"]["optimizer"] == "sgd" and r["config"]["lr"] == 1e-3 and not r["config"]["rollingq"]
+               for r in runs)
     table = (tmp_path / "token_share.md").read_text().splitlines()
     assert table[2].startswith("| variant | attn ") and len(table) == 4 + 3
     written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}

@@ -86,7 +86,11 @@ def test_cli_bad_input_gets_one_line_exit_status_2_and_leaves_no_out_folder(tmp_
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     d = datasets.load_npz(tiny_npz)
     model = MultimodalTransformer(Config(d.modalities, d.n_classes, d_model=16))
-    train.save_checkpoint(tmp_path / "tiny.pt", model, tiny_npz)
+    train.save_checkpoint(tmp_path / "tiny.pt", model, tiny_npz, 0)
+    synthetic = datasets.synthetic(seed=3)
+    train.save_checkpoint(tmp_path / "seed3.pt", MultimodalTransformer(Config(synthetic.modalities, 8, d_model=16)),
+                          "synthetic", 3)
+    torch.save({"config": vars(model.cfg), "model": model.state_dict()}, tmp_path / "old.pt")
     torch.save({"config": {**vars(model.cfg), "d_model": 32}, "model": model.state_dict(), "data": tiny_npz},
                tmp_path / "misfit.pt")
     not_a_checkpoint = "not a checkpoint written by train.py --save (expected a torch.save file holding 'config', " \
@@ -106,6 +110,9 @@ def test_cli_bad_input_gets_one_line_exit_status_2_and_leaves_no_out_folder(tmp_
                                                 f"{{'audio': (16, 64), 'visual': (16, 49)}}, 10 classes) does not have: "
                                                 f"pass --data {tiny_npz}"),
         (["--data", "synthetic", "--load", str(tmp_path / "tiny.pt")], f"pass --data {tiny_npz}"),
+        (["--data", "synthetic", "--load", str(tmp_path / "seed3.pt"), "--eval-only"],
+         "seed3.pt: the model was trained on synthetic drawn from seed 3; this run draws seed 0: pass --seed 3"),
+        (["--data", tiny_npz, "--load", str(tmp_path / "old.pt")], "written by an older train.py, before checkpoints"),
         (["--data", tiny_npz, "--load", str(tmp_path / "misfit.pt")],
          "misfit.pt: its config and state dict do not fit this rollingq.py (Error(s) in loading state_dict"),
         (["--data", tiny_npz, "--load", str(tmp_path / "tiny.pt"), "--width", "16", "--fusion-head", "prenorm"],
