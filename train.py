@@ -288,15 +288,19 @@ def describe(args, data, model, device, world, trained_on=None):
     if args.load:
         notes = [trained_on, args.rollingq and f"rolls done: {rolled}"]
         parts.append(f"loaded {args.load}" + "".join(f" ({n})" for n in notes if n))
-    if args.unimodal or not hasattr(model, "fusion"):
-        parts.append(f"unimodal {args.unimodal}, {args.fusion_head} encoder" if args.unimodal else
-                     f"concat fusion, {model.cfg.fusion_head} encoders")
+    if args.unimodal:
+        parts.append(f"unimodal {args.unimodal}, {args.fusion_head} encoder")
+    elif not hasattr(model, "fusion"):
+        parts.append(f"concat fusion, {model.cfg.fusion_head} encoders")
     else:
-        rolls = "none" if args.max_rolls is None else args.max_rolls
-        method = (f"RollingQ (beta {args.beta:g}, sigma {args.sigma:g}, max-rolls {rolls}, roll-stats {args.roll_stats}"
-                  + ("; no roll: a roll needs an epoch after it" if args.epochs < 2 else "") + ")" if args.rollingq else
-                  f"loaded with its rotation (rolled {rolled} time{'s' * (rolled != 1)}), no further rolls" if rolled
-                  else "vanilla")
+        if args.rollingq:
+            rolls = "none" if args.max_rolls is None else args.max_rolls
+            method = (f"RollingQ (beta {args.beta:g}, sigma {args.sigma:g}, max-rolls {rolls}, roll-stats {args.roll_stats}"
+                      + ("; no roll: a roll needs an epoch after it" if args.epochs < 2 else "") + ")")
+        elif rolled:                                                  # a loaded model keeps its rotation
+            method = f"loaded with its rotation (rolled {rolled} time{'s' * (rolled != 1)}), no further rolls"
+        else:
+            method = "vanilla"
         parts += [f"attention fusion, {model.cfg.fusion_head} head, fusion dropout {model.cfg.fusion_dropout:g}, {method}",
                   f"AIR > 0: {data.names[0]} favoured, < 0: {data.names[1]}" if len(data.names) == 2
                   else "AIR: the favoured modality's lead (named)"]
