@@ -9,9 +9,10 @@ then gets most of the attention and the gradient, learns faster, and pulls the q
 RollingQ breaks the cycle: once per epoch it rotates the CLS query onto an anchor between the
 modalities' mean keys.
 
-Read top to bottom: 1. the method in the paper's order (AIR, the anchor, the rotation R,
-QueryRotation that applies R inside an attention layer, RollingQ that observes and rolls);
-2. the checks the method calls; 3. the model (an encoder per modality, FusionAttention).
+Read top to bottom: 1. the method as the paper writes it (AIR, the anchor, the rotation R,
+QueryRotation that applies R inside an attention layer and gathers what a roll needs, RollingQ
+that rolls); 2. our extensions, labelled as ours (M > 2 modalities, several heads); 3. the checks
+and plumbing the method calls; 4. the model (an encoder per modality, FusionAttention).
 In your own model: a QueryRotation in your fusion layer (its docstring is the contract) and
 a RollingQ beside the training loop. Depends on torch only: copy this file.
 
@@ -25,6 +26,7 @@ Notation (per fusion head; each of nh heads has its own of everything):
   t, R        the anchor the mean query is rolled onto; the rotation: the layer uses R q
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -34,39 +36,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------
-# 1. The method
-
-
-def modality_cosines(query, key_means):
-    """cos(q, k̄_m) for each modality m: query (..., hs), key_means (..., M, hs) -> (..., M)."""
-    return F.cosine_similarity(query.unsqueeze(-2), key_means, dim=-1)
+# 1. The method, as the paper writes it (two modalities a, v; one head)
 
 
 def attention_imbalance_rate(cos):
     """The paper's AIR (Sec. 3) from cos (..., M): cos(q, k̄_m(x)) averaged over samples x,
     e.g. modality_cosines(query, key_means).mean(0). Returns (...): one AIR per head, say.
-
-    M = 2: > 0 the first modality is favoured, < 0 the second. M > 2: the largest lead (>= 0)."""
+    M = 2: > 0 the first modality is favoured, < 0 the second. (M > 2, ours: the largest lead.)"""
     # AIR = mean_x [cos(q, k̄_a(x)) - cos(q, k̄_v(x))] = cos_a - cos_v, the means taken first
     if cos.shape[-1] == 2:
         return cos[..., 0] - cos[..., 1]
     return modality_leads(cos).max(-1).values
 
 
-def modality_leads(cos):
-    """Each modality's lead over the mean of the others, (..., M) -> (..., M); they sum to 0.
-    For M = 2 the leads are (AIR, -AIR)."""
-    M = cos.shape[-1]
-    return cos - (cos.sum(-1, keepdim=True) - cos) / (M - 1)
-
-
-def key_gap(key_means):
-    """The key distribution gap: 1 - cos between two modalities' mean keys, averaged over pairs
-    and heads. key_means (nh, M, hs) -> float, 0 (same direction) to 2 (opposite)."""
-    K = F.normalize(key_means, dim=-1)                                    # (nh, M, hs) unit mean keys
-    sim = K @ K.transpose(-1, -2)                                         # (nh, M, M)
-    pairs = torch.triu_indices(sim.shape[-1], sim.shape[-1], offset=1)
-    return float((1 - sim[:, pairs[0], pairs[1]]).mean())
+def modality_cosines(query, key_means):
+    """cos(q, k̄_m) for each modality m: query (..., hs), key_means (..., M, hs) -> (..., M)."""
+    return F.cosine_similarity(query.unsqueeze(-2), key_means, dim=-1)
 
 
 class NoAnchor(ValueError):
@@ -76,8 +61,8 @@ class NoAnchor(ValueError):
 def rolling_target(query_mean, key_means, air, sigma=0.0):
     """The anchor t the mean query is rolled onto: q̄ (hs,), K̄ (M, hs) -> t (hs,), |t| = |q̄|.
 
-    air: the AIR the anchor leans by, attention_imbalance_rate's value for M = 2; for M > 2
-    each modality's lead (M,), modality_leads (AIR is the largest). sigma = 0: no lean."""
+    air: the AIR the anchor leans by (attention_imbalance_rate's value); sigma = 0: no lean.
+    (M > 2, ours: each modality's lead (M,), modality_leads, and equiangular_anchor.)"""
     check_target(query_mean, key_means, air)
     q_bar, k_hat = query_mean.double(), F.normalize(key_means.double(), dim=1)   # (hs,), (M, hs)
     air = torch.as_tensor(air, dtype=torch.float64, device=q_bar.device)
@@ -86,23 +71,11 @@ def rolling_target(query_mean, key_means, air, sigma=0.0):
         alpha = (1 + torch.tanh(-sigma * air)) / 2
         t = alpha * k_hat[0] + (1 - alpha) * k_hat[1]                    # (hs,)
     else:
-        t = equiangular_anchor(k_hat, air, sigma)                        # (hs,)
+        t = equiangular_anchor(k_hat, air, sigma)                        # (hs,) ours
     if t.norm() <= 1e-12:
         raise NoAnchor("rolling_target: the mean keys cancel out (opposite directions), there is no anchor")
     # rescaled to |q̄|: the roll turns the query, it does not stretch it
     return (t * (q_bar.norm() / t.norm())).to(query_mean.dtype)
-
-
-def equiangular_anchor(k_hat, leads, sigma=0.0):
-    """The anchor's direction for M modalities (not rescaled): k_hat (M, hs), leads (M,) -> (hs,).
-    t = sum_m w_m lambda_m k̂_m; for M = 2 it is the paper's anchor up to its length (tested)."""
-    M = len(k_hat)
-    # w = softmax(-2 sigma c), c_m = cos(q, K̄_m); c = (M-1)/M lead + a constant the softmax drops.
-    # For M = 2, w_a = sigmoid(-2 sigma AIR) = alpha.
-    w = torch.softmax(-2.0 * sigma * (M - 1) / M * leads.to(k_hat.dtype), dim=0)   # (M,)
-    # lambda = G⁺1 with G = K̂ K̂ᵀ: k̂_m · sum_j lambda_j k̂_j = 1 for every m, equally close to all
-    lam = torch.linalg.pinv(k_hat @ k_hat.T) @ torch.ones_like(w)        # (M,)
-    return ((w * lam)[:, None] * k_hat).sum(0)                           # (hs,)
 
 
 def rotation_matrix(src, dst):
@@ -129,48 +102,46 @@ def rotation_matrix(src, dst):
 
 
 class QueryRotation(nn.Module):
-    """RollingQ's state inside an attention layer: R (nh, hs, hs), the rotation of the CLS query.
+    """RollingQ inside an attention layer: R (nh, hs, hs), the rotation of the CLS query, and the
+    statistics a roll needs, gathered where R q is made, so no one can hand in the wrong query.
 
     The contract, for your own attention layer:
       1. it holds a QueryRotation(n_heads, head_size);
-      2. it attends with the rotated CLS query, q_cls = rotation(q_cls), (B, nh, 1, hs), the
-         CLS row only (a layer that computes every token's query rotates q[:, :, :1] and
-         concatenates the rest back);
-      3. RollingQ.observe gets that rotated query, (B, nh, hs), and each modality's mean key,
-         (B, nh, M, hs), from one forward pass: every training step, or only some (one of two
-         forwards, some micro-batches of an accumulated step). After a roll, the unrotated q
-         is refused: the rotation remembers a fingerprint of the rows it returned (each row's
-         first coordinate, the last 65,536 rows) and step() checks the observed rows are among
-         them (so step before evaluating more rows than that, and DDP, not nn.DataParallel).
-    Key bias: a pretrained block reused as the fusion layer may have one. It adds q·b_k to
-    every logit of the CLS row alike, which the softmax ignores, but it shifts every key, and
-    with them the cosines AIR and the anchor are read from: zero it (no attention weight
-    changes) or give observe the mean keys without it. (The authors' key bias starts at zero.)
-    Several fusion layers: one QueryRotation in each, and one RollingQ per layer, stepping
-    that layer: RollingQ.step(model.fusion_a), another RollingQ.step(model.fusion_b).
+      2. it attends with q_cls = rotation(q_cls, key_means): q_cls (B, nh, 1, hs) the CLS row's
+         query (a layer that computes every token's query rotates q[:, :, :1] and concatenates
+         the rest back), key_means (B, nh, M, hs) each modality's mean key k̄_m(x) over its own
+         tokens (not the CLS token's key).
+    Gathering: once a RollingQ rolls this rotation, each training step (training mode with
+    gradients on) adds that batch's R q and mean keys to running sums the rotation owns;
+    evaluation (eval mode, or no_grad / inference_mode) only rotates, with no side effect.
+    Several forwards per step, gradient accumulation, validation at any time: all fine; the
+    last forward is "the last batch" whose AIR decides the roll, as in the authors' code.
+    The sums are plain tensors, not buffers (DDP would overwrite them with rank 0's) and not in
+    state_dict(); loading a state dict drops them. nn.DataParallel's replicas lose what they
+    gather: train with DistributedDataParallel (step() then says so).
     R and the roll count are buffers, in state_dict() and never trained (the authors keep the
     count outside it, so a reloaded model of theirs skips its roll); R stays float32 (or
-    float64) when the model is cast to bf16 or fp16. Tested eager, under DDP and torch.compile.
+    float64) when the model is cast to bf16 or fp16. A loaded R that is not a rotation (e.g.
+    an EMA that averaged it) is refused: an EMA copies the buffers (README).
     """
 
-    def __init__(self, n_heads, head_size, remember=65536):
+    def __init__(self, n_heads, head_size):
         super().__init__()
         self.register_buffer("R", torch.eye(head_size).repeat(n_heads, 1, 1))   # (nh, hs, hs)
         self.register_buffer("rolls", torch.zeros((), dtype=torch.long))
-        # not buffers: each DDP rank keeps its own (a buffer would be rank 0's copy)
-        self.returned = torch.full((remember,), math.nan)                # fingerprints of returned rows
-        self.n_returned = torch.zeros((), dtype=torch.long)              # rows returned since the last roll
+        self.gathering = False                   # set by the RollingQ that rolls this rotation
+        self.gathering_in_eval = False           # inside RollingQ.collecting(): the authors' pass
+        self.sums = None                         # batch_sums added up since the last step
+        self.register_load_state_dict_post_hook(loaded)
 
-    def forward(self, q):                                                # q: (B, nh, 1, hs) -> R q
-        check_cls_query(q, self.R)
+    def forward(self, q, key_means):                                     # (B, nh, 1, hs), (B, nh, M, hs) -> R q
+        check_cls_query(q, key_means, self.R)
         # (R q)ᵀ = qᵀ Rᵀ, in float32 even under autocast
         with torch.autocast(q.device.type, enabled=False):
-            out = (q.float() @ self.R.float().transpose(-1, -2)).to(q.dtype)   # (B, nh, 1, hs)
-        rows = out.detach()[..., 0].float().flatten()                    # (B nh,) each row's first coordinate
-        slots = (self.n_returned + torch.arange(len(rows), device=rows.device)) % len(self.returned)
-        self.returned[slots] = rows
-        self.n_returned += len(rows)
-        return out
+            rq = q.float() @ self.R.float().transpose(-1, -2)            # (B, nh, 1, hs)
+        if self.gathering and (self.gathering_in_eval or (self.training and torch.is_grad_enabled())):
+            self.sums = added(self.sums, batch_sums(rq[:, :, 0], key_means))
+        return rq.to(q.dtype)
 
     @torch.no_grad()
     def roll(self, rotations):
@@ -178,72 +149,70 @@ class QueryRotation(nn.Module):
         for h, R_new in rotations.items():
             self.R[h] = (R_new.double() @ self.R[h].double()).to(self.R.dtype)
         self.rolls += 1
-        self.returned.fill_(math.nan)                                    # what it returned before is stale
-        self.n_returned.zero_()
 
     def _apply(self, fn, *args, **kwargs):
-        # model.half() would round R to 8 bits of mantissa: keep R float32 or better, and move
-        # the fingerprints with it
+        # model.half() would round R to 8 bits of mantissa: keep R float32 or better; the sums
+        # move with it
         R = self.R
         super()._apply(fn, *args, **kwargs)
         if self.R.dtype not in (torch.float32, torch.float64):
             self.R = R.to(self.R.device)
-        self.returned, self.n_returned = self.returned.to(self.R.device), self.n_returned.to(self.R.device)
+        if self.sums is not None:
+            self.sums = {k: v.to(self.R.device) for k, v in self.sums.items()}
         return self
+
+
+def batch_sums(query, key_means):
+    """What one batch adds to a roll's statistics: query (B, nh, hs) R q, key_means (B, nh, M, hs).
+    Sums over the batch, float32, detached: its samples, the sum of k̄_m(x) (nh, M, hs) for the
+    epoch's mean keys, and, should it be the last batch, the sums of R q (nh, hs) and of
+    cos(R q, k̄_m(x)) (nh, M) for its mean query and AIR."""
+    q, k_bar = query.detach().float(), key_means.detach().float()        # (B, nh, hs), (B, nh, M, hs)
+    n = torch.full((), q.shape[0], dtype=torch.float32, device=q.device)
+    return {"n": n, "keys": k_bar.sum(0), "last_n": n, "last_query": q.sum(0),
+            "last_cos": modality_cosines(q, k_bar).sum(0)}
+
+
+def added(sums, batch):
+    """The running sums with one more batch: the keys accumulate, the last batch is replaced."""
+    if sums is None:
+        return batch
+    return {**batch, "n": sums["n"] + batch["n"], "keys": sums["keys"] + batch["keys"]}
 
 
 class RollingQ:
     """Rolls the CLS query of a model's fusion attention (paper, Algorithm 1).
 
-    observe() every training step (or some, see QueryRotation); step() at the end of each epoch
+    RollingQ(model) finds the one QueryRotation in model (a layer, a model, a DDP or compile
+    wrapper) and from then on it gathers in training steps; step() at the end of each epoch
     but the last. No extra pass over the data: the means come from the training steps
-    themselves. (The authors take them from an extra pass after the epoch; our keys lag the
-    model by up to an epoch.) Under torch.distributed the statistics are summed over ranks, so
+    themselves (the authors take them from an extra pass after the epoch: collecting(); ours
+    lag the model by up to an epoch). Under torch.distributed the sums are all-reduced, so
     every rank rolls alike. Defaults are the authors': beta 0, sigma 0, one roll."""
 
-    def __init__(self, beta=0.0, sigma=0.0, max_rolls=1):
+    def __init__(self, model, beta=0.0, sigma=0.0, max_rolls=1):
         """beta: AIR threshold; sigma: the anchor's lean; max_rolls: r_time (None: no limit)."""
         check_settings(beta, sigma, max_rolls)
         self.beta, self.sigma, self.max_rolls = beta, sigma, max_rolls
-        self.reset()
-
-    def reset(self):
-        # samples, the sum of k̄_m(x) over the epoch (nh, M, hs), and (q, k̄) of the last observed batch
-        self.n, self.key_sum, self.last_batch = 0, None, None
+        self.rotation = query_rotation(model)
+        self.rotation.gathering = True
 
     @torch.no_grad()
-    def observe(self, query, key_means):
-        """query (B, nh, hs): the rotated CLS query R q; key_means (B, nh, M, hs): each
-        modality's mean key. Keeps running sums on the device: no host-device sync."""
-        check_observed(query, key_means)
-        q, k_bar = query.detach().float(), key_means.detach().float()    # (B, nh, hs), (B, nh, M, hs)
-        self.last_batch = (q, k_bar)
-        self.n += len(k_bar)
-        self.key_sum = k_bar.sum(0) if self.key_sum is None else self.key_sum + k_bar.sum(0)
-
-    def may_roll(self, model):
-        """Whether max_rolls still allows a roll of model's QueryRotation."""
-        return self.max_rolls is None or int(query_rotation(model).rolls) < self.max_rolls
-
-    @torch.no_grad()
-    def step(self, model):
-        """End of an epoch: roll each head whose AIR passes the roll condition; returns a record.
-        model: a module that holds one QueryRotation (the layer, a model, a DDP or compile wrapper)."""
-        rotation = query_rotation(model)
-        q, k_bar = check_step(self, rotation)                            # (B, nh, hs), (B, nh, M, hs)
-        # the last batch's query and per-sample cosines, the epoch's keys, summed over ranks
-        q_sum, cos_sum, n_last, key_sum, n = sum_over_ranks(
-            q.sum(0), modality_cosines(q, k_bar).sum(0), len(q), self.key_sum, self.n)
-        q_bar = q_sum / n_last                       # (nh, hs) the last batch's mean query: the one in use now
-        K_bar = key_sum / n                          # (nh, M, hs) the epoch's mean keys
+    def step(self):
+        """End of an epoch: roll each head whose AIR passes the roll condition; returns a record."""
+        rotation = self.rotation
+        sums = summed_over_ranks(rotation.sums, rotation.R.device)     # what every rank gathered
+        check_step(sums, rotation)
+        q_bar = sums["last_query"] / sums["last_n"]  # (nh, hs) the last batch's mean query: the one in use now
+        K_bar = sums["keys"] / sums["n"]             # (nh, M, hs) the epoch's mean keys
         # AIR of the last batch, as the authors take it: mean_x [cos(q, k̄_a(x)) - cos(q, k̄_v(x))]
-        cos = cos_sum / n_last                       # (nh, M)
+        cos = sums["last_cos"] / sums["last_n"]      # (nh, M)
         air = attention_imbalance_rate(cos)          # (nh,)
-        lean = air if cos.shape[-1] == 2 else modality_leads(cos)
-        rotations, skipped, allowed = {}, [], self.may_roll(rotation)
-        for h in range(len(air)):
+        lean = air if cos.shape[-1] == 2 else modality_leads(cos)   # M > 2: ours
+        rotations, skipped = {}, []
+        for h in range(len(air)):                    # each head on its own (several heads: ours)
             # the roll condition: |AIR| > beta and fewer than r_time rolls so far
-            if abs(float(air[h])) <= self.beta or not allowed:
+            if abs(float(air[h])) <= self.beta or not self.may_roll():
                 continue
             try:
                 t = rolling_target(q_bar[h], K_bar[h], lean[h], self.sigma)   # the anchor
@@ -253,34 +222,112 @@ class RollingQ:
             rotations[h] = rotation_matrix(q_bar[h], t)                  # R_new q̄ = t
         if rotations:
             rotation.roll(rotations)                 # R <- R_new R
-        self.reset()
+        rotation.sums = None                         # the next epoch gathers afresh
         return {"air": air.tolist(), "rolled": bool(rotations), "rolls": int(rotation.rolls),
                 "heads": list(rotations), "skipped": skipped}
 
+    def may_roll(self):
+        """Whether max_rolls still allows a roll."""
+        return self.max_rolls is None or int(self.rotation.rolls) < self.max_rolls
+
+    @contextlib.contextmanager
+    def collecting(self):
+        """The authors' statistics: the forward passes inside gather in any mode (eval, no_grad),
+        and replace what the epoch's training steps gathered. E.g. after the epoch:
+            with controller.collecting(), torch.no_grad(): for xs in train_batches: model.eval()(xs)"""
+        self.rotation.sums, self.rotation.gathering_in_eval = None, True
+        try:
+            yield
+        finally:
+            self.rotation.gathering_in_eval = False
+
 
 # ----------------------------------------------------------------------------------------
-# 2. The checks, and the plumbing the method calls
+# 2. Ours, not the paper's: M > 2 modalities (the paper's two-modality formulas are the case
+# M = 2, tested), several fusion heads (each head has its own R and rolls on its own AIR), and
+# the key gap as one number
+
+
+def modality_leads(cos):
+    """Each modality's lead over the mean of the others, (..., M) -> (..., M); they sum to 0.
+    For M = 2 the leads are (AIR, -AIR)."""
+    M = cos.shape[-1]
+    return cos - (cos.sum(-1, keepdim=True) - cos) / (M - 1)
+
+
+def equiangular_anchor(k_hat, leads, sigma=0.0):
+    """The anchor's direction for M modalities (not rescaled): k_hat (M, hs), leads (M,) -> (hs,).
+    t = sum_m w_m lambda_m k̂_m; for M = 2 it is the paper's anchor up to its length (tested)."""
+    M = len(k_hat)
+    # w = softmax(-2 sigma c), c_m = cos(q, K̄_m); c = (M-1)/M lead + a constant the softmax drops.
+    # For M = 2, w_a = sigmoid(-2 sigma AIR) = alpha.
+    w = torch.softmax(-2.0 * sigma * (M - 1) / M * leads.to(k_hat.dtype), dim=0)   # (M,)
+    # lambda = G⁺1 with G = K̂ K̂ᵀ: k̂_m · sum_j lambda_j k̂_j = 1 for every m, equally close to all
+    lam = torch.linalg.pinv(k_hat @ k_hat.T) @ torch.ones_like(w)        # (M,)
+    return ((w * lam)[:, None] * k_hat).sum(0)                           # (hs,)
+
+
+def key_gap(key_means):
+    """The key distribution gap (the paper's notion; this number is ours): 1 - cos between two
+    modalities' mean keys, averaged over pairs and heads. key_means (nh, M, hs) -> float, 0 (same
+    direction) to 2 (opposite)."""
+    K = F.normalize(key_means, dim=-1)                                    # (nh, M, hs) unit mean keys
+    sim = K @ K.transpose(-1, -2)                                         # (nh, M, M)
+    pairs = torch.triu_indices(sim.shape[-1], sim.shape[-1], offset=1)
+    return float((1 - sim[:, pairs[0], pairs[1]]).mean())
+
+
+# ----------------------------------------------------------------------------------------
+# 3. The checks, and the plumbing the method calls
 
 
 def query_rotation(model):
     """The one QueryRotation that `model` holds, found by type (inside DDP and compile wrappers too)."""
     found = [m for m in model.modules() if isinstance(m, QueryRotation)] if isinstance(model, nn.Module) else []
     if len(found) != 1:
-        raise ValueError(f"RollingQ.step needs a module that holds exactly one QueryRotation (with several fusion "
-                         f"layers, one RollingQ per layer, each stepping its layer); got a {type(model).__name__} "
+        raise ValueError(f"RollingQ needs a module that holds exactly one QueryRotation (with several fusion "
+                         f"layers, one RollingQ per layer, each given its layer); got a {type(model).__name__} "
                          f"with {len(found)}")
     return found[0]
 
 
-def sum_over_ranks(*values):
-    """Each tensor or number summed over torch.distributed's ranks (as is without it), in one
-    all_reduce of one flat buffer; returns float32 tensors of the same shapes, in order."""
-    parts = [torch.as_tensor(v, dtype=torch.float32).to(values[0].device).reshape(-1) for v in values]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        flat = torch.cat(parts)
-        torch.distributed.all_reduce(flat)
-        parts = flat.split([p.numel() for p in parts])
-    return [p.view_as(torch.as_tensor(v)) for p, v in zip(parts, values)]
+def summed_over_ranks(sums, device):
+    """The sums of every torch.distributed rank added up (as they are without it); None if some
+    rank gathered nothing, on every rank alike, so that every rank refuses together (a rank
+    raising alone would hang the others in the next collective)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return sums
+    empty = torch.tensor([float(sums is None)], device=device)
+    torch.distributed.all_reduce(empty)
+    if empty.item():
+        return None
+    flat = torch.cat([v.reshape(-1) for v in sums.values()])
+    torch.distributed.all_reduce(flat)
+    return {k: part.view_as(v) for (k, v), part in zip(sums.items(), flat.split([v.numel() for v in sums.values()]))}
+
+
+def loaded(rotation, incompatible_keys):
+    """After load_state_dict: a loaded R must be a rotation, and what was gathered is stale."""
+    check_orthogonal(rotation.R, "load_state_dict")
+    rotation.sums = None
+
+
+def check_orthogonal(R, where):
+    error = float((R.double() @ R.double().transpose(-1, -2) - torch.eye(R.shape[-1], dtype=torch.float64,
+                                                                         device=R.device)).abs().max())
+    if not error <= 1e-4:
+        raise ValueError(f"{where}: QueryRotation.R is not a rotation (|R Rᵀ - I| = {error:.2g} > 1e-4); an average "
+                         f"of rotations is none: an EMA must copy R and the roll count, not average them")
+
+
+def check_step(sums, rotation):
+    if sums is None:
+        raise ValueError("RollingQ.step: the QueryRotation gathered nothing since its last step (on some rank); it "
+                         "gathers in training mode with gradients on, or inside RollingQ.collecting() (and "
+                         "nn.DataParallel's replicas lose it: use DistributedDataParallel)")
+    if not all(bool(torch.isfinite(v).all()) for v in sums.values()):
+        raise ValueError("RollingQ.step: the gathered query or mean keys hold NaN or inf")
+    check_orthogonal(rotation.R, "RollingQ.step")
 
 
 def check_target(query_mean, key_means, air):
@@ -305,12 +352,16 @@ def check_rotation(src, dst):
         raise ValueError("rotation_matrix got a zero vector: it has no direction to rotate")
 
 
-def check_cls_query(q, R):
+def check_cls_query(q, key_means, R):
     nh, hs = R.shape[0], R.shape[2]
     if q.dim() != 4 or tuple(q.shape[1:]) != (nh, 1, hs):
         raise ValueError(f"QueryRotation rotates the CLS query (B, {nh}, 1, {hs}), got {tuple(q.shape)}; for "
                          f"every token's query (B, nh, T, hs) rotate the CLS row alone: "
-                         f"torch.cat([rotation(q[:, :, :1]), q[:, :, 1:]], 2)")
+                         f"torch.cat([rotation(q[:, :, :1], key_means), q[:, :, 1:]], 2)")
+    if key_means.dim() != 4 or key_means.shape[:2] != q.shape[:2] or key_means.shape[3] != hs \
+            or key_means.shape[2] < 2:
+        raise ValueError(f"QueryRotation needs each modality's mean key (B, {nh}, M, {hs}) for M >= 2 modalities "
+                         f"beside the query {tuple(q.shape)}; got {tuple(key_means.shape)}")
 
 
 def check_settings(beta, sigma, max_rolls):
@@ -319,44 +370,8 @@ def check_settings(beta, sigma, max_rolls):
                          f"got beta {beta}, sigma {sigma}, max_rolls {max_rolls}")
 
 
-def check_observed(query, key_means):
-    if query is None or key_means is None:
-        raise ValueError("RollingQ.observe needs the CLS query and the mean keys: the output of model(xs, stats=True)")
-    if query.dim() != 3 or key_means.dim() != 4 or key_means.shape[:2] + key_means.shape[3:] != query.shape \
-            or key_means.shape[2] < 2:
-        raise ValueError(f"RollingQ.observe expects query (B, nh, hs) and key_means (B, nh, M, hs) of M >= 2 "
-                         f"modalities; got {tuple(query.shape)} and {tuple(key_means.shape)}")
-
-
-def check_step(controller, rotation):
-    """The last observed batch, once it is known to fit the rotation, to be finite and, after a
-    roll, to be rows the rotation returned (before one, R = I and q = R q). The set-up errors
-    are the same on every rank; the others are summed over ranks first, so every rank raises
-    together (a rank raising alone would hang the others in the next collective)."""
-    q, k_bar = controller.last_batch or (None, None)                     # (B, nh, hs), (B, nh, M, hs)
-    nh, hs = rotation.R.shape[:2]
-    if q is not None and q.shape[1:] != (nh, hs):
-        raise ValueError(f"RollingQ observed queries of {q.shape[1]} head(s) of width {q.shape[2]}, but the "
-                         f"QueryRotation it found has {nh} head(s) of width {hs}")
-    if q is not None and int(rotation.rolls) == 0 and int(rotation.n_returned) == 0:
-        raise ValueError("RollingQ.step: the QueryRotation was never applied; the attention layer must attend "
-                         "with q_cls = rotation(q_cls)")
-    finite = q is None or all(bool(torch.isfinite(x).all()) for x in (q, k_bar, controller.key_sum))
-    returned = q is None or int(rotation.rolls) == 0 or \
-        bool(torch.isin(q[..., 0].flatten().to(rotation.returned.device), rotation.returned).all())
-    nothing, nonfinite, unrotated = sum_over_ranks(rotation.R.new_tensor([q is None, not finite, not returned]))[0]
-    if nothing:
-        raise ValueError("RollingQ.step: observe() saw no batch since the last step (on some rank)")
-    if nonfinite:
-        raise ValueError("RollingQ.step: the observed query or mean keys hold NaN or inf")
-    if unrotated:
-        raise ValueError("RollingQ.step: the observed query is not one the QueryRotation returned since its last "
-                         "roll; observe the rotated query R q the layer attends with, not q")
-    return q, k_bar
-
-
 # ----------------------------------------------------------------------------------------
-# 3. The model
+# 4. The model
 
 
 @dataclass
@@ -450,7 +465,7 @@ class Encoder(nn.Module):
     def forward(self, x):                                                # (B, L, D) -> (B, T_m, C), T_m = L (+1: CLS)
         x = self.embed(x)                                                # (B, L, C)
         if self.cls is not None:
-            x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1)       # (B, 1 + L, C)
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)       # (B, 1 + L, C)
         x = x + self.pos
         for block in self.blocks:
             x = block(x)
@@ -504,14 +519,15 @@ class FusionAttention(nn.Module):
         return x.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
 
     def forward(self, x, stats=False):                                   # x: (B, T, C) -> (B, C)
-        q = self.rotation(self.heads(self.q(x[:, :1])))                  # (B, nh, 1, hs): R q, the CLS row
         k, v = self.heads(self.k(x)), self.heads(self.v(x))              # (B, nh, T, hs)
+        key_means = self.P.to(k.dtype) @ k                               # (B, nh, M, hs): k̄_m(x)
+        q = self.rotation(self.heads(self.q(x[:, :1])), key_means)       # (B, nh, 1, hs): R q, the CLS row
         a = (q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])).softmax(-1)   # (B, nh, 1, T)
         y = self.drop(self.proj((self.attn_drop(a) @ v).flatten(1)))     # (B, nh, 1, hs) -> (B, C)
         extra = {}
         if stats:                                                        # detached: statistics, not the loss
             extra["query"] = q.detach()[:, :, 0]                         # (B, nh, hs): the query in use, R q
-            extra["key_means"] = self.P.to(k.dtype) @ k.detach()         # (B, nh, M, hs): k̄_m(x)
+            extra["key_means"] = key_means.detach()                      # (B, nh, M, hs): k̄_m(x)
             # the CLS row's attention on each modality's tokens (the rest is on the CLS token)
             extra["attention"] = (a.detach() @ self.member.to(a.dtype))[:, :, 0]   # (B, nh, M)
         return y, extra
@@ -557,13 +573,14 @@ class MultimodalTransformer(nn.Module):
 
     def forward(self, xs, stats=False):
         """xs: one tensor (B, L_m, D_m) per modality, in cfg.modalities order ((B, D_m) where
-        L_m = 1). stats=True also returns the CLS query, the mean keys and the attention mass."""
+        L_m = 1). stats=True also returns the CLS query R q, the mean keys and the attention mass, for
+        measures (RollingQ needs none of them: the rotation gathers its own)."""
         zs = [enc(x) for enc, x in zip(self.encoders, checked_inputs(self.cfg, xs))]   # M x (B, T_m, C)
         features = [enc.pool(z) for enc, z in zip(self.encoders, zs)]    # M x (B, C)
         probe_logits = [probe(f.detach()) for probe, f in zip(self.probes, features)]
         if self.cfg.fusion == "concat":
             return Output(self.head(torch.cat(features, -1)), probe_logits)
-        x = torch.cat([self.cls.expand(len(zs[0]), -1, -1)] + zs, 1)    # (B, T, C)
+        x = torch.cat([self.cls.expand(zs[0].shape[0], -1, -1)] + zs, 1)    # (B, T, C)
         if self.cfg.fusion_head == "authors":                            # classifier(fusion(x)[CLS row])
             y, extra = self.fusion(x, stats)                             # (B, C)
             logits = self.head(y)                                        # (B, n_classes)
@@ -583,7 +600,7 @@ def checked_inputs(cfg, xs):
         shape = tuple(x.shape)
         if x.dim() == 2 and L == 1:
             x = x[:, None, :]                                            # (B, D) -> (B, 1, D)
-        if x.dim() != 3 or tuple(x.shape[1:]) != (L, D) or len(x) != len(xs[0]):
+        if x.dim() != 3 or tuple(x.shape[1:]) != (L, D) or x.shape[0] != xs[0].shape[0]:
             one = f" or (B, {D})" if L == 1 else ""
             raise ValueError(f"modality {name!r}: expected a tensor (B, {L}, {D}){one} with the same B as the "
                              f"others, got {shape}")

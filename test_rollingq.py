@@ -342,43 +342,65 @@ def test_model_reports_attention_query_and_key_means_on_request():
     assert torch.equal(plain.logits, out.logits)                # statistics change nothing
 
 
-def test_a_sigma_zero_roll_balances_the_observed_mean_query():
-    model = tiny_model(heads=2, modalities={"audio": (5, 7), "visual": (3, 4)}).eval()
-    xs = batch(1, modalities={"audio": (5, 7), "visual": (3, 4)})
-    controller = RollingQ(beta=0.0, sigma=0.0, max_rolls=1)
-    out = model(xs, stats=True)
-    controller.observe(out.query, out.key_means)
-    record = controller.step(model)
-    assert record["rolled"] and record["rolls"] == 1 and record["heads"] == [0, 1]
-    out = model(xs, stats=True)
-    c = modality_cosines(out.query.mean(0), out.key_means.mean(0))   # (nh, M)
-    assert torch.allclose(c[:, 0], c[:, 1], atol=1e-5)          # the key gap as the query sees it: closed
+def train_forward(model, xs):
+    """A training step's forward (training mode, gradients on): the rotation gathers from it."""
+    model.train()
+    with torch.enable_grad():
+        return model(xs, stats=True)
 
 
-def observe(controller, model, xs):
-    out = model(xs, stats=True)
-    controller.observe(out.query, out.key_means)
-    return out
+def test_a_sigma_zero_roll_balances_the_gathered_mean_query_and_so_does_the_next_roll():
+    modalities = {"audio": (5, 7), "visual": (3, 4)}
+    model = tiny_model(heads=2, modalities=modalities)
+    controller = RollingQ(model, beta=0.0, sigma=0.0, max_rolls=None)
+    for rolls, xs in enumerate((batch(1, modalities=modalities), batch(2, modalities=modalities)), 1):
+        train_forward(model, xs)
+        record = controller.step()
+        assert record["rolled"] and record["rolls"] == rolls and record["heads"] == [0, 1]
+        out = model.eval()(xs, stats=True)
+        c = modality_cosines(out.query.mean(0), out.key_means.mean(0))   # (nh, M)
+        assert torch.allclose(c[:, 0], c[:, 1], atol=1e-5)      # the key gap as the query sees it: closed
+
+
+def test_inside_collecting_an_eval_pass_gathers_and_replaces_the_training_steps_sums():
+    model = tiny_model()
+    controller = RollingQ(model)
+    train_forward(model, batch(0, n=5))
+    model.eval()
+    with controller.collecting(), torch.no_grad():              # the authors' pass after the epoch
+        for seed in (1, 2):
+            model(batch(seed, n=7))
+    sums = model.fusion.rotation.sums
+    assert int(sums["n"]) == 14 and int(sums["last_n"]) == 7    # the pass's 14 samples, not the step's 5
+    with torch.no_grad():
+        model(batch(3))                                         # after it, evaluation gathers nothing again
+    assert int(model.fusion.rotation.sums["n"]) == 14 and controller.step()["rolled"]
 
 
 def test_roll_condition_respects_beta_and_max_rolls():
-    model = tiny_model().eval()
+    model = tiny_model()
     xs = batch(2)
-    controller = RollingQ(beta=10.0)                            # |AIR| <= 2 < beta: never rolls
-    observe(controller, model, xs)
-    assert controller.step(model)["rolled"] is False
-    controller = RollingQ(beta=0.0, max_rolls=2)
+    controller = RollingQ(model, beta=10.0)                     # |AIR| <= 2 < beta: never rolls
+    train_forward(model, xs)
+    assert controller.step()["rolled"] is False
+    controller = RollingQ(model, beta=0.0, max_rolls=2)
     records = []
     for _ in range(4):
-        observe(controller, model, xs)
-        records.append(controller.step(model))
+        train_forward(model, xs)
+        records.append(controller.step())
     assert [r["rolled"] for r in records] == [True, True, False, False]
     assert int(model.fusion.rotation.rolls) == 2
 
 
-def rotated(model, q):
-    """q (B, nh, hs) through the model's QueryRotation, as its attention layer applies it: R q."""
-    return query_rotation(model)(q[:, :, None])[:, :, 0]
+def through(rotation, q, key_means):
+    """q (B, nh, hs) and key_means (B, nh, M, hs) handed to a rotation in a training step; returns R q."""
+    with torch.enable_grad():
+        return rotation.train()(q[:, :, None], key_means)[:, :, 0]
+
+
+def rotation_and_controller(hs=16, **settings):
+    rotation = QueryRotation(1, hs)
+    return rotation, RollingQ(rotation, **settings)
 
 
 def test_the_roll_condition_reads_the_last_batch_not_the_epoch():
@@ -387,48 +409,71 @@ def test_the_roll_condition_reads_the_last_batch_not_the_epoch():
     leaning = torch.stack([e[0], e[1]])[None, None].expand(4, 1, 2, 16)   # AIR = cos(q, e0) - cos(q, e1) = 1
     level = torch.stack([e[0] + e[1], e[0] + e[1]])[None, None].expand(4, 1, 2, 16)   # AIR = 0
     for batches, rolls in (((leaning, level), False), ((level, leaning), True)):
-        model, controller = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)}), RollingQ(beta=0.5)
+        rotation, controller = rotation_and_controller(beta=0.5)
         for keys in batches:
-            controller.observe(rotated(model, q), keys)
-        assert controller.step(model)["rolled"] is rolls
+            through(rotation, q, keys)
+        assert controller.step()["rolled"] is rolls
 
 
 def test_no_roll_when_the_absolute_air_equals_beta():
     e = torch.eye(16)
     keys = torch.stack([e[0], e[1]])[None, None].expand(4, 1, 2, 16)
     for q, beta in ((e[0] + e[1], 0.0), (e[0], 1.0)):           # AIR exactly 0, and exactly 1
-        model = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
-        controller = RollingQ(beta=beta)
-        controller.observe(rotated(model, q.expand(4, 1, 16)), keys)
-        record = controller.step(model)
+        rotation, controller = rotation_and_controller(beta=beta)
+        through(rotation, q.expand(4, 1, 16), keys)
+        record = controller.step()
         assert record["air"] == [beta] and record["rolled"] is False   # the paper: roll only if |AIR| > beta
 
 
 def test_the_anchor_uses_the_epochs_mean_keys_and_the_last_batchs_query():
-    model = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
+    rotation, controller = rotation_and_controller()
     g = torch.Generator().manual_seed(0)
     keys = [torch.randn(1, 1, 2, 16, generator=g).expand(4, 1, 2, 16) for _ in range(3)]   # one per step
-    controller = RollingQ()
     for k in keys:
-        q = rotated(model, torch.randn(4, 1, 16, generator=g))
-        controller.observe(q, k)
-    controller.step(model)
+        q = torch.randn(4, 1, 16, generator=g)
+        through(rotation, q, k)
+    controller.step()
     K_epoch = torch.stack(keys).mean(0)[0, 0]                   # (M, hs): the epoch's mean keys
-    c = modality_cosines(model.fusion.rotation.R[0] @ q.mean(0)[0], K_epoch)
+    c = modality_cosines(rotation.R[0] @ q.mean(0)[0], K_epoch)
     assert torch.allclose(c[0], c[1], atol=1e-5)                # the last batch's query, balanced on them
-    c_last = modality_cosines(model.fusion.rotation.R[0] @ q.mean(0)[0], keys[-1][0, 0])
+    c_last = modality_cosines(rotation.R[0] @ q.mean(0)[0], keys[-1][0, 0])
     assert not torch.allclose(c_last[0], c_last[1], atol=1e-3)  # not on the last batch's keys
 
 
+def test_the_sums_start_afresh_after_every_step_rolled_or_not():
+    rotation, controller = rotation_and_controller(beta=0.5, max_rolls=None)
+    e = torch.eye(16)
+    q = e[0].expand(4, 1, 16)
+    leaning = torch.stack([e[0], e[1]])[None, None].expand(4, 1, 2, 16)   # AIR = 1
+    through(rotation, q, leaning)
+    assert controller.step()["rolled"] and rotation.sums is None
+    through(rotation, q, leaning)
+    before = rotation.sums["n"].item()
+    controller.step()
+    assert before == 4 and rotation.sums is None
+    with pytest.raises(ValueError, match="gathered nothing since its last step"):
+        controller.step()
+
+
+def test_a_layer_that_scales_q_before_the_rotation_rolls_as_one_that_does_not():
+    g = torch.Generator().manual_seed(3)
+    q, keys = torch.randn(4, 1, 16, generator=g), torch.randn(4, 1, 2, 16, generator=g)
+    rotations = []
+    for scale in (1.0, 16 ** -0.5):                             # q, and timm's q * scale
+        rotation, controller = rotation_and_controller()
+        through(rotation, q * scale, keys)
+        assert controller.step()["rolled"]
+        rotations.append(rotation.R)
+    assert torch.allclose(*rotations, atol=1e-6)                # AIR, the anchor and R ignore the scale
+
+
 def test_a_head_without_anchor_waits_instead_of_failing():
-    model = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
-    q = torch.randn(4, 1, 16)                                   # (B, nh, hs)
+    rotation, controller = rotation_and_controller(max_rolls=None)
     k = torch.randn(16)
     keys = torch.stack([k, -k])[None, None].expand(4, 1, 2, 16)  # (B, nh, M, hs): opposite mean keys
-    controller = RollingQ(max_rolls=None)
-    controller.observe(rotated(model, q), keys)
-    record = controller.step(model)
-    assert record["rolled"] is False and record["skipped"] == [0] and int(model.fusion.rotation.rolls) == 0
+    through(rotation, torch.randn(4, 1, 16), keys)
+    record = controller.step()
+    assert record["rolled"] is False and record["skipped"] == [0] and int(rotation.rolls) == 0
 
 
 def test_any_other_error_in_a_roll_is_raised_not_taken_for_a_missing_anchor(monkeypatch):
@@ -438,36 +483,39 @@ def test_any_other_error_in_a_roll_is_raised_not_taken_for_a_missing_anchor(monk
         raise ValueError("a shape bug")
     monkeypatch.setattr(rollingq, "rotation_matrix", broken)
     model = tiny_model()
-    controller = RollingQ()
-    observe(controller, model, batch(0))
+    controller = RollingQ(model)
+    train_forward(model, batch(0))
     with pytest.raises(ValueError, match="a shape bug"):
-        controller.step(model)
+        controller.step()
 
 
 def test_heads_roll_independently():
-    model = tiny_model(heads=2).eval()
+    model = tiny_model(heads=2)
     xs = batch(3)
-    with torch.no_grad():
-        out = model(xs, stats=True)
+    out = model.eval()(xs, stats=True)
     air = attention_imbalance_rate(modality_cosines(out.query, out.key_means).mean(0))   # (nh,)
     assert air[0].abs() != air[1].abs()
     beta = float(air.abs().mean())                               # between the two heads' |AIR|
-    controller = RollingQ(beta=beta)
-    controller.observe(out.query, out.key_means)
-    record = controller.step(model)
+    controller = RollingQ(model, beta=beta)
+    train_forward(model, xs)
+    record = controller.step()
     rolled = [h for h in range(2) if abs(float(air[h])) > beta]
     assert record["heads"] == rolled and len(rolled) == 1
     R = model.fusion.rotation.R
     assert torch.equal(R[1 - rolled[0]], torch.eye(8)) and not torch.equal(R[rolled[0]], torch.eye(8))
 
 
+def rolled_model(heads=2, head="authors", seed=4):
+    model = tiny_model(heads=heads, head=head)
+    controller = RollingQ(model)
+    train_forward(model, batch(seed))
+    assert controller.step()["rolled"]
+    return model.eval()
+
+
 @pytest.mark.parametrize("head", HEADS)
 def test_state_dict_round_trip_of_a_rolled_model_is_exact(head):
-    model = tiny_model(heads=2, head=head).eval()
-    xs = batch(4)
-    controller = RollingQ()
-    observe(controller, model, xs)
-    controller.step(model)
+    model, xs = rolled_model(head=head), batch(4)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
@@ -475,24 +523,17 @@ def test_state_dict_round_trip_of_a_rolled_model_is_exact(head):
     reloaded.load_state_dict(torch.load(buffer, weights_only=True))
     assert int(reloaded.fusion.rotation.rolls) == 1
     assert torch.equal(reloaded(xs).logits, model(xs).logits)
+    assert set(model.state_dict()) >= {"fusion.rotation.R", "fusion.rotation.rolls"}
+    assert not any("sums" in k for k in model.state_dict())     # what is gathered is not state
 
 
 def test_controller_and_model_reject_bad_arguments():
     with pytest.raises(ValueError, match="finite beta >= 0"):
-        RollingQ(beta=-1)
-    with pytest.raises(ValueError, match="observe"):
-        RollingQ().step(tiny_model())
+        RollingQ(tiny_model(), beta=-1)
+    with pytest.raises(ValueError, match="gathered nothing since its last step"):
+        RollingQ(tiny_model()).step()
     with pytest.raises(ValueError, match="n_classes must be at least 2"):
         Config(MODALITIES, 1)
-    with pytest.raises(ValueError, match="stats=True"):
-        out = tiny_model()(batch(0))
-        RollingQ().observe(out.query, out.key_means)
-    with pytest.raises(ValueError, match=r"query \(B, nh, hs\) and key_means \(B, nh, M, hs\) of M >= 2 modalities; got \(4, 8\)"):
-        RollingQ().observe(torch.zeros(4, 8), torch.zeros(4, 1, 2, 8))
-    controller = RollingQ()
-    controller.observe(torch.ones(4, 1, 8), torch.ones(4, 1, 2, 8))
-    with pytest.raises(ValueError, match=r"queries of 1 head\(s\) of width 8, .* 1 head\(s\) of width 16"):
-        controller.step(tiny_model())
     with pytest.raises(ValueError, match="at least 2 modalities"):
         Config({"audio": (2, 3)}, 2)
     with pytest.raises(ValueError, match="divisible"):
@@ -503,6 +544,34 @@ def test_controller_and_model_reject_bad_arguments():
         Config(MODALITIES, 2, d_model=16, fusion_heads=8)          # heads of width 2 for 3 modalities
     with pytest.raises(ValueError, match="3 modality tensors"):
         tiny_model()(batch(0)[:2])
+
+
+def test_under_bf16_autocast_the_rotation_stays_float32_and_a_roll_still_balances():
+    model = tiny_model(heads=2, modalities={"audio": (5, 7), "visual": (3, 4)})
+    xs = batch(5, n=32, modalities={"audio": (5, 7), "visual": (3, 4)})
+    controller = RollingQ(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = train_forward(model, xs)
+        F.cross_entropy(out.logits, torch.zeros(32, dtype=torch.long)).backward()
+        assert out.logits.dtype == torch.bfloat16 and out.query.dtype == torch.bfloat16
+        assert model.cls.grad.dtype == torch.float32 and torch.isfinite(model.cls.grad).all()
+        assert controller.step()["rolled"]
+        after = model.eval()(xs, stats=True)
+    assert model.fusion.rotation.R.dtype == torch.float32
+    c = modality_cosines(after.query.float().mean(0), after.key_means.float().mean(0))   # (nh, M)
+    assert torch.allclose(c[:, 0], c[:, 1], atol=0.05)         # balanced to bf16 precision
+
+
+def test_the_rotation_multiplies_in_float32_under_bf16_autocast():
+    rotation = QueryRotation(2, 8)
+    g = torch.Generator().manual_seed(0)
+    rotation.roll({h: rotation_matrix(*torch.randn(2, 8, generator=g)) for h in range(2)})   # R is not I
+    q, keys = torch.randn(32, 2, 1, 8, generator=g), torch.randn(32, 2, 2, 8, generator=g)
+    exact = q.double() @ rotation.R.double().transpose(-1, -2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got32, got16 = rotation(q, keys), rotation(q.bfloat16(), keys.bfloat16())
+    assert got32.dtype == torch.float32 and (got32.double() - exact).abs().max() < 1e-5   # not bf16's 1e-2
+    assert torch.equal(got16, (q.bfloat16().float() @ rotation.R.transpose(-1, -2)).bfloat16())
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -554,34 +623,6 @@ def test_fusion_dropout_acts_on_the_attention_weights_and_the_output_in_training
         Config(MODALITIES, 4, fusion_dropout=1.0)
 
 
-def test_under_bf16_autocast_the_rotation_stays_float32_and_a_roll_still_balances():
-    model = tiny_model(heads=2, modalities={"audio": (5, 7), "visual": (3, 4)})
-    xs = batch(5, n=32, modalities={"audio": (5, 7), "visual": (3, 4)})
-    controller = RollingQ()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = observe(controller, model, xs)
-        F.cross_entropy(out.logits, torch.zeros(32, dtype=torch.long)).backward()
-        assert out.logits.dtype == torch.bfloat16 and out.query.dtype == torch.bfloat16
-        assert model.cls.grad.dtype == torch.float32 and torch.isfinite(model.cls.grad).all()
-        assert controller.step(model)["rolled"]
-        after = model(xs, stats=True)
-    assert model.fusion.rotation.R.dtype == torch.float32
-    c = modality_cosines(after.query.float().mean(0), after.key_means.float().mean(0))   # (nh, M)
-    assert torch.allclose(c[:, 0], c[:, 1], atol=0.05)         # balanced to bf16 precision
-
-
-def test_the_rotation_multiplies_in_float32_under_bf16_autocast():
-    rotation = QueryRotation(2, 8)
-    g = torch.Generator().manual_seed(0)
-    rotation.roll({h: rotation_matrix(*torch.randn(2, 8, generator=g)) for h in range(2)})   # R is not I
-    q = torch.randn(32, 2, 1, 8, generator=g)
-    exact = q.double() @ rotation.R.double().transpose(-1, -2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got32, got16 = rotation(q), rotation(q.bfloat16())
-    assert got32.dtype == torch.float32 and (got32.double() - exact).abs().max() < 1e-5   # not bf16's 1e-2
-    assert torch.equal(got16, (q.bfloat16().float() @ rotation.R.transpose(-1, -2)).bfloat16())
-
-
 def test_casting_the_model_to_bf16_or_fp16_keeps_r_float32_and_25_rolls_orthogonal():
     for cast in (nn.Module.bfloat16, nn.Module.half):
         model = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
@@ -608,235 +649,323 @@ def test_rolls_compose_as_r_new_times_r():
     assert torch.allclose(rotation.R[0], R2 @ R1, atol=1e-6) and int(rotation.rolls) == 2
 
 
-def test_the_rotation_takes_the_cls_query_only_and_names_the_shape_it_needs():
+
+
+def test_the_rotation_takes_the_cls_query_and_the_mean_keys_and_names_the_shapes_it_needs():
     rotation = QueryRotation(2, 8)
+    keys = torch.randn(4, 2, 2, 8)
     for shape in ((4, 2, 5, 8), (4, 8), (2, 2, 8), (4, 3, 1, 8), (4, 2, 1, 6)):   # every row, (B, hs), B == nh, ...
         with pytest.raises(ValueError, match=r"rotates the CLS query \(B, 2, 1, 8\), got"):
-            rotation(torch.randn(shape))
-    assert rotation(torch.randn(4, 2, 1, 8)).shape == (4, 2, 1, 8)
+            rotation(torch.randn(shape), keys)
+    for shape in ((4, 2, 1, 8), (4, 2, 8), (4, 1, 2, 8), (3, 2, 2, 8), (4, 2, 2, 6)):   # one modality, no M, ...
+        with pytest.raises(ValueError, match=r"mean key \(B, 2, M, 8\) for M >= 2 modalities .* got"):
+            rotation(torch.randn(4, 2, 1, 8), torch.randn(shape))
+    assert rotation(torch.randn(4, 2, 1, 8), keys).shape == (4, 2, 1, 8)
 
 
-def test_observe_keeps_no_autograd_history():
+def test_the_gathered_sums_keep_no_autograd_history():
     model = tiny_model()
-    out = model(batch(0), stats=False)
-    q = out.logits[:, None, :1].expand(-1, 1, 16) * torch.ones(16)   # (B, nh, hs), float32 with a graph
-    controller = RollingQ()
-    controller.observe(q, torch.stack([q, q * 2], 2))
-    assert q.grad_fn is not None
-    assert all(t.grad_fn is None and not t.requires_grad for t in (*controller.last_batch, controller.key_sum))
+    RollingQ(model)
+    out = train_forward(model, batch(0))
+    assert out.logits.grad_fn is not None
+    sums = model.fusion.rotation.sums
+    assert sums and all(t.grad_fn is None and not t.requires_grad and t.dtype == torch.float32 for t in sums.values())
 
 
-def test_step_refuses_the_unrotated_query_a_rotation_never_applied_and_nan():
-    model = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
-    xs = batch(0, modalities={"audio": (2, 3), "visual": (2, 3)})
-    controller = RollingQ(max_rolls=None)
-    for _ in range(2):                                          # rows returned before the roll, R = I: then q = R q
-        observe(controller, model, xs)
-    controller.step(model)                                      # R is no longer the identity: those rows are stale
-    fusion = model.fusion
-    q = fusion.heads(fusion.q(fusion_input(model, xs)[:, :1]))[:, :, 0]   # (B, nh, hs): q, not R q
-    out = model(xs, stats=True)
-    controller.observe(q.detach(), out.key_means)
-    with pytest.raises(ValueError, match="not one the QueryRotation returned since its last roll; observe the rotated"):
-        controller.step(model)
-    fresh = tiny_model(modalities={"audio": (2, 3), "visual": (2, 3)})
-    controller.observe(out.query, out.key_means)
-    with pytest.raises(ValueError, match="QueryRotation was never applied"):
-        controller.step(fresh)
-    controller.observe(out.query * float("nan"), out.key_means)
-    with pytest.raises(ValueError, match="hold NaN or inf"):
-        controller.step(model)
-    with pytest.raises(ValueError, match=r"of M >= 2 modalities; got \(12, 1, 16\) and \(12, 1, 1, 16\)"):
-        controller.observe(out.query, out.key_means[:, :, :1])
-
-
-def test_an_evaluation_between_the_last_observe_and_step_is_allowed():
+def test_a_model_that_no_rollingq_rolls_gathers_nothing_in_any_mode():
     model = tiny_model()
-    controller = RollingQ()
-    observe(controller, model, batch(0))                        # training mode
-    model.eval()
+    train_forward(model, batch(0))
     with torch.no_grad():
-        model(batch(1), stats=True)                             # an evaluation pass, another batch
+        model.eval()(batch(1))
+    assert model.fusion.rotation.sums is None
+
+
+def test_evaluation_gathers_nothing_in_eval_mode_no_grad_or_inference_mode():
+    model = tiny_model()
+    RollingQ(model)
+    train_forward(model, batch(0))
+    rotation = model.fusion.rotation
+    gathered = {k: v.clone() for k, v in rotation.sums.items()}
+    model.eval()
+    model(batch(1))                                             # eval mode, with gradients
+    with torch.no_grad():
+        model(batch(2))
+    with torch.inference_mode():
+        model(batch(3))
     model.train()
-    assert controller.step(model)["rolled"]
+    with torch.no_grad():                                       # a validation that forgot model.eval()
+        model(batch(4))
+    assert all(torch.equal(rotation.sums[k], v) for k, v in gathered.items())
 
 
-class UserFusion(nn.Module):
-    """A user's own fusion layer, written without FusionAttention: it meets RollingQ's contract
-    by holding a QueryRotation (here named `spin`) and attending with the rotated CLS query."""
+def test_validation_of_any_size_between_the_last_training_step_and_step_changes_no_roll():
+    records = []
+    for validate in (False, True):
+        model, xs = tiny_model(), batch(0)
+        controller = RollingQ(model)
+        train_forward(model, xs)
+        if validate:
+            with torch.no_grad():
+                model.eval()(batch(1, n=70_000))                # more rows than any fingerprint kept
+        records.append((controller.step(), model.fusion.rotation.R.clone()))
+    assert records[0][0] == records[1][0] and torch.equal(records[0][1], records[1][1])
 
-    def __init__(self, width, n_tokens):
+
+def test_step_refuses_nan_statistics_and_an_r_that_is_no_rotation():
+    rotation, controller = rotation_and_controller()
+    through(rotation, torch.randn(4, 1, 16) * float("nan"), torch.randn(4, 1, 2, 16))
+    with pytest.raises(ValueError, match="hold NaN or inf"):
+        controller.step()
+    through(rotation, torch.randn(4, 1, 16), torch.randn(4, 1, 2, 16))
+    with torch.no_grad():
+        rotation.R.mul_(1.01)
+    with pytest.raises(ValueError, match=r"RollingQ.step: QueryRotation.R is not a rotation \(\|R Rᵀ - I\| = 0.02 > 1e-4\)"):
+        controller.step()
+
+
+def test_loading_an_r_that_is_no_rotation_is_refused_and_a_load_drops_what_was_gathered():
+    model = rolled_model()
+    state = model.state_dict()
+    fresh = tiny_model(heads=2)
+    RollingQ(fresh)
+    train_forward(fresh, batch(0))
+    fresh.load_state_dict(state)
+    assert fresh.fusion.rotation.sums is None                   # gathered under another R: stale
+    state["fusion.rotation.R"] = (state["fusion.rotation.R"] + torch.eye(8)) / 2   # an average of two rotations
+    with pytest.raises(ValueError, match="load_state_dict: QueryRotation.R is not a rotation"):
+        fresh.load_state_dict(state)
+
+
+def test_an_ema_that_copies_buffers_keeps_a_rotation_and_one_that_averages_them_is_refused():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    model = tiny_model(heads=2)
+    controller = RollingQ(model, max_rolls=None)
+    readme = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=False)   # README's recipe
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for seed in range(3):
+        train_forward(model, batch(seed))
+        assert controller.step()["rolled"]
+        readme.update_parameters(model)
+        averaged.update_parameters(model)
+    assert torch.equal(readme.module.fusion.rotation.R, model.fusion.rotation.R)
+    assert int(readme.module.fusion.rotation.rolls) == 3
+    tiny_model(heads=2).load_state_dict(readme.module.state_dict())
+    with pytest.raises(ValueError, match="QueryRotation.R is not a rotation"):
+        tiny_model(heads=2).load_state_dict(averaged.module.state_dict())
+
+
+class TinyFusion(nn.Module):
+    """A user's fusion layer, written without FusionAttention: one head, a learned CLS query
+    (input-independent, as in the authors' head) or one from each sample's CLS token, keys of
+    each modality's tokens (spans), optionally normalised to a common length (a k-norm)."""
+
+    def __init__(self, width=16, spans=((0, 3), (3, 5)), own_query=False, k_norm=False):
         super().__init__()
-        self.to_q, self.to_k, self.to_v = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
-        self.spin = QueryRotation(1, width)
-        self.n_tokens = n_tokens                                # tokens of the first modality
+        self.cls = nn.Parameter(torch.randn(1, 1, width))
+        self.to_q, self.to_k, self.to_v = nn.Linear(width, width), nn.Linear(width, width, bias=False), \
+            nn.Linear(width, width)
+        self.rotation = QueryRotation(1, width)                 # what RollingQ finds and rolls
+        self.spans, self.own_query, self.k_norm = spans, own_query, k_norm
 
-    def forward(self, cls, tokens):                             # (B, 1, C), (B, T, C)
-        q = self.spin(self.to_q(cls)[:, None])                  # (B, 1, 1, C): R q
-        k, v = self.to_k(tokens)[:, None], self.to_v(tokens)[:, None]   # (B, 1, T, C)
-        y = F.scaled_dot_product_attention(q, k, v)[:, 0, 0]    # (B, C)
-        key_means = torch.stack([k[:, :, :self.n_tokens].mean(2), k[:, :, self.n_tokens:].mean(2)], 2)
-        return y, q[:, :, 0].detach(), key_means.detach()       # (B, C), (B, 1, C), (B, 1, 2, C)
-
-
-class UserModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.cls = nn.Parameter(torch.randn(1, 1, 8))
-        self.mixer = UserFusion(8, n_tokens=3)
-        self.out = nn.Linear(8, 2)
-
-    def forward(self, tokens):
-        y, q, k = self.mixer(self.cls.expand(len(tokens), -1, -1), tokens)
-        return self.out(y), q, k
+    def forward(self, tokens):                                  # (B, T, C) -> (B, C), attention (B, T)
+        cls = tokens[:, :1] if self.own_query else self.cls.expand(len(tokens), -1, -1)   # (B, 1, C)
+        k = self.to_k(tokens)[:, None]                          # (B, 1, T, C)
+        if self.k_norm:
+            k = 3.0 * F.normalize(k, dim=-1)
+        key_means = torch.stack([k[:, :, s:e].mean(2) for s, e in self.spans], 2)   # (B, 1, M, C)
+        q = self.rotation(self.to_q(cls)[:, None], key_means)   # (B, 1, 1, C): R q
+        a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1]), -1)   # (B, 1, 1, T)
+        return (a @ self.to_v(tokens)[:, None])[:, 0, 0], a[:, 0, 0]
 
 
-def test_the_controller_rolls_a_users_own_layer_found_by_type():
-    torch.manual_seed(0)
-    model = UserModel()
-    tokens, y = torch.randn(16, 5, 8), torch.randint(0, 2, (16,))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    controller, keys = RollingQ(), []
-    for _ in range(3):                                          # an epoch of three steps
-        logits, q, k = model(tokens)
+def fit(model, steps, g, n=8, T=5, micro=1, forwards=1, lr=0.1):
+    """Training steps of a TinyFusion on random tokens (a random target), micro-batches accumulated."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
         optimizer.zero_grad()
-        F.cross_entropy(logits, y).backward()
+        for _ in range(micro):
+            for _ in range(forwards):
+                y, _ = model(torch.randn(n, T, 16, generator=g))
+            y.square().mean().backward()
         optimizer.step()
-        controller.observe(q, k)
-        keys.append(k)
-    assert controller.step(model)["rolled"] and int(model.mixer.spin.rolls) == 1
-    K_bar = torch.cat(keys).mean(0)                             # (nh, M, C): the epoch's mean keys
-    q_rolled = model.mixer.spin.R[0] @ (q.mean(0)[0])           # the last batch's mean query, rolled
-    c = modality_cosines(q_rolled, K_bar[0])
-    assert torch.allclose(c[0], c[1], atol=1e-5)                # the user's query was balanced
-    _, q, k = model(tokens)                                     # a forward after the roll
-    controller.observe(q, k)
-    assert controller.step(model.mixer)["rolls"] == 1           # the layer itself will do too (max_rolls 1)
 
 
-class MyFusion(nn.Module):
-    """README's layer: its CLS query depends on the input (here every sample brings its own CLS
-    token), so queries of different forwards differ, as they do in most users' models."""
-
-    def __init__(self, width=16, n_audio=3):
-        super().__init__()
-        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width, bias=False), nn.Linear(width, width)
-        self.rotation = QueryRotation(n_heads=1, head_size=width)
-        self.n_audio = n_audio
-
-    def forward(self, cls, tokens):                             # (B, 1, C), (B, T, C)
-        q = self.rotation(self.q(cls)[:, None])                 # (B, 1, 1, C): R q
-        k, v = self.k(tokens)[:, None], self.v(tokens)[:, None]   # (B, 1, T, C)
-        key_means = torch.stack([k[:, :, :self.n_audio].mean(2), k[:, :, self.n_audio:].mean(2)], 2)
-        return F.scaled_dot_product_attention(q, k, v)[:, 0, 0], q[:, :, 0].detach(), key_means.detach()
-
-
-def inputs(g, n=8):
-    return torch.randn(n, 1, 16, generator=g), torch.randn(n, 5, 16, generator=g)   # (B, 1, C), (B, T, C)
-
-
-def test_two_forwards_per_step_with_the_first_observed_roll_and_the_unrotated_query_is_still_refused():
+@pytest.mark.parametrize("own_query, micro, forwards", [(False, 1, 1), (True, 1, 1), (True, 1, 2), (True, 4, 1)])
+def test_a_users_layer_rolls_with_two_forwards_a_step_accumulation_or_an_input_dependent_query(own_query, micro, forwards):
     torch.manual_seed(0)
-    fusion, controller, g = MyFusion(), RollingQ(max_rolls=None), torch.Generator().manual_seed(0)
+    fusion, g = TinyFusion(own_query=own_query), torch.Generator().manual_seed(1)
+    controller = RollingQ(fusion, max_rolls=None)
     for epoch in range(3):
-        for _ in range(2):
-            _, q, k = fusion(*inputs(g))                        # the view RollingQ observes
-            fusion(*inputs(g))                                  # a second forward (another view, a teacher)
-            controller.observe(q, k)
-        assert controller.step(fusion)["rolls"] == epoch + 1
-    cls, tokens = inputs(g)
-    _, _, k = fusion(cls, tokens)
-    controller.observe(fusion.q(cls).detach(), k)               # q, not R q
-    with pytest.raises(ValueError, match="observe the rotated query R q"):
-        controller.step(fusion)
+        fit(fusion, 2, g, micro=micro, forwards=forwards)
+        with torch.no_grad():
+            fusion.eval()(torch.randn(100, 5, 16, generator=g))  # a validation between steps and the roll
+        fusion.train()
+        assert controller.step()["rolls"] == epoch + 1
 
 
-def test_observing_only_the_first_micro_batch_of_each_accumulated_step_rolls():
+def test_the_rolled_users_query_is_balanced_on_the_epochs_mean_keys():
     torch.manual_seed(0)
-    fusion, controller, g = MyFusion(), RollingQ(max_rolls=None), torch.Generator().manual_seed(1)
-    for epoch in range(3):
-        for _ in range(2):                                      # optimiser steps
-            for micro in range(4):                              # micro-batches accumulated into one step
-                _, q, k = fusion(*inputs(g, n=4))
-                if micro == 0:
-                    controller.observe(q, k)
-        assert controller.step(fusion)["rolls"] == epoch + 1
+    fusion, g = TinyFusion(), torch.Generator().manual_seed(0)
+    controller = RollingQ(fusion)
+    tokens = [torch.randn(8, 5, 16, generator=g) for _ in range(3)]
+    for x in tokens:
+        fusion(x)
+    assert controller.step()["rolled"]
+    with torch.no_grad():
+        k = fusion.to_k(torch.cat(tokens))                      # (24, T, C)
+        K_bar = torch.stack([k[:, s:e].mean(1) for s, e in fusion.spans], 1).mean(0)   # (M, C)
+        c = modality_cosines(fusion.rotation.R[0] @ fusion.to_q(fusion.cls)[0, 0], K_bar)
+    assert torch.allclose(c[0], c[1], atol=1e-5)
 
 
 class TwoFusions(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fusion_a, self.fusion_b = MyFusion(), MyFusion(n_audio=2)
+        self.fusion_a, self.fusion_b = TinyFusion(), TinyFusion(spans=((0, 2), (2, 5)))
 
-    def forward(self, cls, tokens):
-        return self.fusion_a(cls, tokens), self.fusion_b(cls, tokens)
+    def forward(self, tokens):
+        return self.fusion_a(tokens)[0] + self.fusion_b(tokens)[0], None
 
 
 def test_a_model_with_two_fusion_layers_rolls_each_with_its_own_controller():
     torch.manual_seed(0)
     model, g = TwoFusions(), torch.Generator().manual_seed(2)
-    controllers = {"fusion_a": RollingQ(), "fusion_b": RollingQ()}    # one per layer, as the contract says
-    for _ in range(3):
-        outputs = dict(zip(controllers, model(*inputs(g))))
-        for name, controller in controllers.items():
-            controller.observe(*outputs[name][1:])
-    records = {name: c.step(getattr(model, name)) for name, c in controllers.items()}
-    assert all(r["rolled"] for r in records.values())
+    controllers = [RollingQ(model.fusion_a), RollingQ(model.fusion_b)]   # one per layer, as the contract says
+    fit(model, 3, g)
+    assert all(c.step()["rolled"] for c in controllers)
     assert int(model.fusion_a.rotation.rolls) == int(model.fusion_b.rotation.rolls) == 1
     assert not torch.allclose(model.fusion_a.rotation.R, model.fusion_b.rotation.R)   # each its own anchor
-    controller = RollingQ()
-    controller.observe(*model(*inputs(g))[0][1:])
-    with pytest.raises(ValueError, match="one RollingQ per layer, each stepping its layer"):
-        controller.step(model)
+    with pytest.raises(ValueError, match="one RollingQ per layer, each given its layer"):
+        RollingQ(model)
 
 
 def test_the_controller_names_what_it_needs_when_a_model_has_no_or_two_rotations():
-    controller = RollingQ()
-    controller.observe(torch.randn(4, 1, 8), torch.randn(4, 1, 2, 8))
-    for model, n in ((nn.Linear(2, 2), 0), (nn.Sequential(UserFusion(8, 3), UserFusion(8, 3)), 2), ("a string", 0)):
+    for model, n in ((nn.Linear(2, 2), 0), (nn.Sequential(TinyFusion(), TinyFusion()), 2), ("a string", 0)):
         with pytest.raises(ValueError, match=f"holds exactly one QueryRotation .* with {n}$"):
-            controller.step(model)
+            RollingQ(model)
 
 
-def test_step_reaches_the_rotation_through_ddp_and_compile_wrappers(tmp_path):
+def test_a_disfavoured_modality_gets_more_attention_on_the_same_batch_right_after_a_sigma_zero_roll():
+    """A step of the paper's mechanism that follows from a roll with certainty.
+    Claim 1 (any keys): with a query the same for every sample (a learned CLS token), let v be
+    the modality whose mean key K̄_v is further (in cosine) from q. After a sigma = 0 roll,
+    R q points along k̂_a + k̂_v, so cos(R q, K̄_v) = |k̂_a + k̂_v| / 2 >= q̂ · (k̂_a + k̂_v) / 2
+    (Cauchy-Schwarz) = (cos_a + cos_v) / 2 > cos_v: v's mean key is strictly closer to the query.
+    Claim 2 (one token per modality, keys of one length r: a k-norm; one sample): the logits
+    are |q| r cos_m / sqrt(hs), equal after the roll, so v's share of the attention that goes to
+    the modalities, sigmoid(l_v - l_a), rises from below 1/2 to exactly 1/2."""
+    @given(seed=seeds, B=st.integers(1, 16))
+    @settings(max_examples=30)
+    def claims(seed, B):
+        torch.manual_seed(seed)
+        for spans, k_norm, n in ((((0, 3), (3, 5)), False, B), (((0, 1), (1, 2)), True, 1)):
+            fusion = TinyFusion(spans=spans, k_norm=k_norm)
+            controller = RollingQ(fusion)
+            tokens = torch.randn(n, spans[-1][1], 16, generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                k = fusion.to_k(tokens)
+                K_bar = torch.stack([k[:, s:e].mean(1) for s, e in spans], 1).mean(0).double()   # (M, C)
+                q = fusion.to_q(fusion.cls)[0, 0].double()
+            before = modality_cosines(q, K_bar)                 # (M,)
+            v = int(before.argmin())
+            _, a_before = fusion.train()(tokens)                # the training step RollingQ gathers from
+            if abs(float(before[0] - before[1])) < 1e-3 or not controller.step()["rolled"]:
+                continue                                        # nothing to roll: no claim
+            with torch.no_grad():
+                _, a_after = fusion.eval()(tokens)
+            after = modality_cosines(fusion.rotation.R[0].double() @ q, K_bar)
+            assert after[v] > before[v]                         # claim 1
+            if k_norm:                                          # claim 2: [a, v] tokens, no CLS token among them
+                share_before = a_before[0, v] / a_before[0].sum()
+                share_after = a_after[0, v] / a_after[0].sum()
+                assert share_before < 0.5 and share_after > share_before and abs(float(share_after) - 0.5) < 1e-4
+    claims()
+
+
+def test_ddp_compile_and_data_parallel_wrappers_are_found_and_run(tmp_path):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        model = tiny_model()
-        for wrapped in (torch.nn.parallel.DistributedDataParallel(model), torch.compile(model)):
-            controller = RollingQ(max_rolls=None)
-            observe(controller, model, batch(0))
-            assert controller.step(wrapped)["rolled"]
-        assert int(model.fusion.rotation.rolls) == 2
+        aot_eager = lambda m: torch.compile(m, backend="aot_eager")   # noqa: E731 (inductor: the test below)
+        for wrap in (torch.nn.parallel.DistributedDataParallel, aot_eager, nn.DataParallel):
+            model = tiny_model()
+            wrapped = wrap(model)
+            controller = RollingQ(wrapped, max_rolls=None)
+            train_forward(wrapped, batch(0))                    # nn.DataParallel on the CPU: the module itself
+            assert controller.step()["rolled"]
+            with torch.no_grad():
+                assert torch.allclose(wrapped.eval()(batch(1)).logits, model(batch(1)).logits, atol=1e-5)
     finally:
         dist.destroy_process_group()
 
 
-def test_a_compiled_forward_uses_the_new_rotation_after_a_roll():
-    model = tiny_model().eval()
-    compiled = torch.compile(model, backend="aot_eager")
-    xs = batch(0)
-    controller = RollingQ(max_rolls=None)
-    out = compiled(xs, stats=True)
-    controller.observe(out.query, out.key_means)
-    assert controller.step(compiled)["rolled"]
-    after = compiled(xs, stats=True)
-    assert torch.allclose(after.logits, model(xs).logits, atol=1e-6)
-    assert not torch.allclose(after.query, out.query, atol=1e-3)   # the rolled query, not a stale one
+def test_compiled_with_inductor_under_bf16_autocast_it_gathers_rolls_and_uses_the_new_rotation():
+    model = tiny_model()
+    model.fusion = torch.compile(model.fusion)                  # inductor, the default backend: the layer alone
+    controller = RollingQ(model, max_rolls=None)
+    g = torch.Generator().manual_seed(0)
+    for epoch in range(3):                                      # gathers and rolls after a roll too
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = train_forward(model, batch(epoch))
+        assert controller.step()["rolls"] == epoch + 1
+    R = model.fusion.rotation.R
+    assert R.dtype == torch.float32 and torch.allclose(R[0] @ R[0].T, torch.eye(16), atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        compiled = model(batch(5), stats=True)
+        eager = model.fusion._orig_mod
+        model.fusion = eager
+        assert torch.allclose(compiled.logits, model(batch(5)).logits, atol=1e-5)
 
 
-def _observe_on_rank(rank, store, world, q, k, results, silent=-1):
+def test_inference_export_vmap_meta_init_deepcopy_and_pickle_work_on_a_rolled_model(tmp_path):
+    import copy
+    import pickle
+    model, xs = rolled_model(), batch(6)
+    expected = model(xs).logits
+    with torch.inference_mode():
+        assert torch.equal(model(xs).logits, expected)
+    B = torch.export.Dim("B", min=2, max=1024)
+    logits_of = Logits(model)                                   # export wants tensors out, not our Output
+    exported = torch.export.export(logits_of, (xs,), dynamic_shapes=([{0: B}] * 3,)).module()
+    for n in (3, 12, 40):
+        x = batch(7, n=n)
+        assert torch.allclose(exported(x), model(x).logits, atol=1e-5)
+    params = dict(model.state_dict())                           # parameters and buffers, R among them
+    chunks = [torch.stack(c) for c in zip(*(batch(s, n=4) for s in range(3)))]   # 3 chunks of 4 per modality
+    logits = torch.func.vmap(lambda *x: torch.func.functional_call(model, params, (list(x),)).logits)(*chunks)
+    assert torch.allclose(logits[1], model([c[1] for c in chunks]).logits, atol=1e-5)
+    with torch.device("meta"):
+        meta = tiny_model(heads=2)
+    meta.to_empty(device="cpu").load_state_dict(model.state_dict())
+    assert torch.equal(meta.eval()(xs).logits, expected)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(twin(xs).logits, expected) and int(twin.fusion.rotation.rolls) == 1
+    assert model.fusion.rotation.sums is None                   # none of it gathered anything
+
+
+class Logits(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, xs):
+        return self.model(xs).logits
+
+
+def _train_on_rank(rank, store, world, tokens, results, silent=-1):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        rotation, controller = QueryRotation(1, 16), RollingQ()
-        share = slice(rank * len(q) // world, (rank + 1) * len(q) // world)   # this rank's half of the batch
-        rotated = rotation(q[share][:, :, None])[:, :, 0]
-        if rank != silent:                                      # the silent rank observes nothing
-            controller.observe(rotated, k[share])
+        torch.manual_seed(0)
+        fusion = TinyFusion()
+        controller = RollingQ(fusion)
+        share = slice(rank * len(tokens) // world, (rank + 1) * len(tokens) // world)   # this rank's half
+        if rank != silent:                                      # the silent rank trains on nothing
+            fusion(tokens[share])
         try:
-            record = controller.step(rotation)
-            torch.save({"R": rotation.R, "air": record["air"]}, f"{results}.{rank}")
+            record = controller.step()
+            torch.save({"R": fusion.rotation.R, "air": record["air"]}, f"{results}.{rank}")
         except ValueError as e:
             torch.save({"error": str(e)}, f"{results}.{rank}")
     finally:
@@ -845,22 +974,23 @@ def _observe_on_rank(rank, store, world, q, k, results, silent=-1):
 
 def test_two_gloo_ranks_roll_as_one_process_on_the_same_global_batch(tmp_path):
     import torch.multiprocessing as mp
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(8, 1, 16, generator=g), torch.randn(8, 1, 2, 16, generator=g)
-    mp.spawn(_observe_on_rank, args=(str(tmp_path / "store"), 2, q, k, str(tmp_path / "r")), nprocs=2)
-    rotation, controller = QueryRotation(1, 16), RollingQ()
-    controller.observe(rotation(q[:, :, None])[:, :, 0], k)
-    record = controller.step(rotation)
+    tokens = torch.randn(8, 5, 16, generator=torch.Generator().manual_seed(0))
+    mp.spawn(_train_on_rank, args=(str(tmp_path / "store"), 2, tokens, str(tmp_path / "r")), nprocs=2)
+    torch.manual_seed(0)
+    fusion = TinyFusion()
+    controller = RollingQ(fusion)
+    fusion(tokens)
+    record = controller.step()
     for rank in range(2):
         got = torch.load(tmp_path / f"r.{rank}", weights_only=True)
-        assert torch.allclose(got["R"], rotation.R, atol=1e-6) and got["air"] == pytest.approx(record["air"], abs=1e-6)
-    k[-1] = float("nan")                                        # bad keys on rank 1 only: both ranks raise, none hangs
-    mp.spawn(_observe_on_rank, args=(str(tmp_path / "store2"), 2, q, k, str(tmp_path / "bad")), nprocs=2)
+        assert torch.allclose(got["R"], fusion.rotation.R, atol=1e-6) and got["air"] == pytest.approx(record["air"], abs=1e-6)
+    tokens[-1] = float("nan")                                   # bad tokens on rank 1 only: both ranks raise, none hangs
+    mp.spawn(_train_on_rank, args=(str(tmp_path / "store2"), 2, tokens, str(tmp_path / "bad")), nprocs=2)
     for rank in range(2):
         assert "hold NaN or inf" in torch.load(tmp_path / f"bad.{rank}", weights_only=True)["error"]
-    mp.spawn(_observe_on_rank, args=(str(tmp_path / "store3"), 2, q, k, str(tmp_path / "none"), 1), nprocs=2)
-    for rank in range(2):                                       # a rank that saw no batch: both raise, none hangs
-        assert "saw no batch" in torch.load(tmp_path / f"none.{rank}", weights_only=True)["error"]
+    mp.spawn(_train_on_rank, args=(str(tmp_path / "store3"), 2, tokens, str(tmp_path / "none"), 1), nprocs=2)
+    for rank in range(2):                                       # a rank that trained on nothing: both raise, none hangs
+        assert "gathered nothing" in torch.load(tmp_path / f"none.{rank}", weights_only=True)["error"]
 
 
 def test_ten_thousand_composed_rolls_stay_orthogonal():

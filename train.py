@@ -50,7 +50,8 @@ def train_step(model, xs, y, optimizer, autocast, stats=False):
 
 def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on_step=None, log=print):
     """`epochs` passes over (xs, y) in shuffled batches, split across ranks under torchrun; RollingQ
-    observes every step and may roll after every epoch but the last. Returns the training seconds."""
+    (its rotation gathers in every training step) may roll after every epoch but the last.
+    Returns the training seconds."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
@@ -66,12 +67,9 @@ def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on
         total_loss = torch.zeros((), device=device)
         for step, start in enumerate(starts, 1):
             idx = order[start:start + args.batch_size].tensor_split(world)[rank]   # this rank's share
-            out, loss = train_step(net, [x[idx] for x in xs], y[idx], optimizer, autocast,
-                                   stats=controller is not None or on_step is not None)
+            out, loss = train_step(net, [x[idx] for x in xs], y[idx], optimizer, autocast, stats=on_step is not None)
             schedule.step()
             total_loss += loss
-            if controller is not None:
-                controller.observe(out.query, out.key_means)
             if on_step is not None:
                 on_step(model, epoch, step, out)
             if rank == 0 and time.perf_counter() - noted > 10:       # progress within a long epoch
@@ -80,9 +78,9 @@ def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on
         if world > 1:
             dist.all_reduce(total_loss)
             total_loss /= world                                       # the mean over ranks
-        if controller is not None and epoch < epochs and args.roll_stats == "pass" and controller.may_roll(model):
+        if controller is not None and epoch < epochs and args.roll_stats == "pass" and controller.may_roll():
             stats_pass(model, xs, controller, args.batch_size, autocast)
-        record = controller.step(model) if controller is not None and epoch < epochs else {"rolled": False}
+        record = controller.step() if controller is not None and epoch < epochs else {"rolled": False}
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
@@ -91,18 +89,16 @@ def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on
     return seconds
 
 
-@torch.no_grad()
 def stats_pass(model, xs, controller, batch_size, autocast):
     """--roll-stats pass, the authors' statistics: after the epoch, a no-grad eval-mode pass over
     the training set in order gives K̄ (all of it) and q̄ and AIR (its last batch; the authors take
     AIR from the last training batch: the same roll when beta = sigma = 0). Under torchrun every
     rank passes over the whole set: the means are the same."""
-    controller.reset()
     model.eval()
-    for i in range(0, len(xs[0]), batch_size):
-        with autocast:
-            out = model([x[i:i + batch_size] for x in xs], stats=True)
-        controller.observe(out.query, out.key_means)
+    with controller.collecting(), torch.no_grad():
+        for i in range(0, len(xs[0]), batch_size):
+            with autocast:
+                model([x[i:i + batch_size] for x in xs])
     model.train()
 
 
@@ -194,7 +190,6 @@ def run(args, data, device, log=print, on_step=None, warm_start=None, measures=N
     as metrics["pretrain"]; measures(model, test_xs, test_y, data, final), more for metrics["final"]."""
     device, rank, world = setup_distributed(device)
     torch.manual_seed(args.seed)
-    controller = checked(RollingQ, args.beta, args.sigma, args.max_rolls) if args.rollingq else None
     if args.unimodal:                                                 # the multimodal model's encoder, alone
         cfg = build_config(args, data)
         data = data.select(args.unimodal)
@@ -204,6 +199,7 @@ def run(args, data, device, log=print, on_step=None, warm_start=None, measures=N
             (MultimodalTransformer(build_config(args, data)), None)
     if args.rollingq and not hasattr(model, "fusion"):
         raise UsageError(f"--rollingq: the model in {args.load} uses concat fusion, not attention")
+    controller = checked(RollingQ, model, args.beta, args.sigma, args.max_rolls) if args.rollingq else None
     model.to(device)
     if rank == 0:
         log(describe(args, data, model, device, world, trained_on))

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 import train
-from rollingq import RollingQ
+from rollingq import check_settings
 
 
 def parse(parser, argv=None, fixed=()):
@@ -30,7 +30,7 @@ def parse(parser, argv=None, fixed=()):
     for dest, action in own.items():
         if getattr(args, dest) != action.default:
             raise train.UsageError(f"{action.option_strings[0]}: {parser.prog} sets it itself")
-    train.checked(RollingQ, args.beta, args.sigma, args.max_rolls)       # refused now, not at its first roll
+    train.checked(check_settings, args.beta, args.sigma, args.max_rolls)   # refused now, not at its first roll
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise train.UsageError("the experiments run in one process; start them with python, not torchrun")
     return args

@@ -25,7 +25,7 @@ def bench(args, data, device, rounds=21):
     for name in ("vanilla", "RollingQ"):
         torch.manual_seed(args.seed)
         model = MultimodalTransformer(train.build_config(args, data)).to(device)
-        controller = RollingQ(args.beta, args.sigma, max_rolls=None) if name == "RollingQ" else None
+        controller = RollingQ(model, args.beta, args.sigma, max_rolls=None) if name == "RollingQ" else None
         setups[name] = (model, train.make_optimizer(model, args), controller)
     xs, y = [x.to(device) for x in data.train_x], data.train_y.to(device)
     autocast = train.bf16_autocast(device)
@@ -39,16 +39,13 @@ def bench(args, data, device, rounds=21):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for idx in batches:
-                out, _ = train.train_step(model, [x[idx] for x in xs], y[idx], optimizer, autocast,
-                                          stats=controller is not None)
-                if controller is not None:
-                    controller.observe(out.query, out.key_means)
+                train.train_step(model, [x[idx] for x in xs], y[idx], optimizer, autocast)
                 if first:                                             # say at once what to expect
                     first, step = False, time.perf_counter() - t0
                     print(f"first step {step:.2f} s (warm-up included); at most about "
                           f"{step * 2 * args.steps * (rounds + 1) / 60:.0f} min in all at that pace", flush=True)
             if controller is not None:
-                controller.step(model)
+                controller.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if r > 0:

@@ -70,13 +70,12 @@ def test_a_bf16_training_step_keeps_the_rotation_in_float32():
     d = datasets.synthetic(seed=0, n_train=64, n_test=8)
     args = train.parse_args(["--width", "16", "--layers", "1"])
     model = MultimodalTransformer(train.build_config(args, d))
-    optimizer, controller = train.make_optimizer(model, args), RollingQ()
+    optimizer, controller = train.make_optimizer(model, args), RollingQ(model, max_rolls=None)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    for _ in range(2):
-        out, loss = train.train_step(model, d.train_x, d.train_y, optimizer, autocast, stats=True)
-        controller.observe(out.query, out.key_means)
+    for _ in range(2):                                           # a step, a roll, a step after the roll, a roll
+        out, loss = train.train_step(model, d.train_x, d.train_y, optimizer, autocast)
         assert out.logits.dtype == torch.bfloat16 and loss.dtype == torch.float32 and math.isfinite(float(loss))
-    assert controller.step(model)["rolled"]
+        assert controller.step()["rolled"]
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
     R = model.fusion.rotation.R[0].double()
     assert model.fusion.rotation.R.dtype == torch.float32 and torch.allclose(R @ R.T, torch.eye(16).double(), atol=1e-5)
@@ -260,11 +259,12 @@ def test_roll_stats_pass_takes_the_mean_keys_from_an_eval_pass_over_the_training
     with torch.no_grad():
         whole = model(d.train_x, stats=True).key_means.mean(0)  # the whole set at once, eval mode
     model.train()
-    controller = RollingQ()
+    controller = RollingQ(model)
     train.stats_pass(model, d.train_x, controller, 32, train.bf16_autocast(torch.device("cpu")))
-    assert model.training and controller.n == len(d.train_y)
-    assert torch.allclose(controller.key_sum / controller.n, whole, atol=1e-5)
-    assert controller.step(model)["rolled"]
+    sums = model.fusion.rotation.sums
+    assert model.training and int(sums["n"]) == len(d.train_y)
+    assert torch.allclose(sums["keys"] / sums["n"], whole, atol=1e-5)
+    assert controller.step()["rolled"]
     m = run_in_process([*TINY, "--rollingq", "--roll-stats", "pass", "--max-rolls", "none", "--epochs", "3"], d)
     assert [e["rolled"] for e in m["epochs"]] == [True, True, False] and m["config"]["roll_stats"] == "pass"
     assert refused(cli("--roll-stats", "pass"), "add --rollingq") and refused(cli("--roll-stats", "x"), "invalid choice")
