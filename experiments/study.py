@@ -19,6 +19,7 @@ matplotlib) and one file per run in runs/, so an interrupted study resumes where
 import argparse
 import hashlib
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 import data as datasets
 import train
 from experiments import parse, save_figure
-from experiments.measures import NOISE_LEVELS, paper_measures
+from experiments.measures import NOISE_LEVELS, GradientShares, study_measures
 from rollingq import Unimodal
 
 # Each regime and row is a set of argument overrides.
@@ -42,9 +43,14 @@ PAPER = {"optimizer": "sgd", "lr": 1e-3, "schedule": "cosine", "dropout": 0.2, "
 # The authors' recipe at lr 0.01 for encoders from scratch (with 1e-3 the built-in set's visual
 # encoder does not learn at all).
 AUTHORS = {"optimizer": "sgd", "lr": 0.01, "schedule": "cosine", "dropout": 0.2}
+# The authors' recipe at lr 0.1: on avdigits-noisy the lr at which vanilla attention leaves the
+# token share (seed 0, audio's share of the attention per epoch: lr 0.01 0.48-0.52, 0.03
+# 0.45-0.52, 0.1 0.69 after epoch 1 and 0.38 after epoch 3; docs/reproduction.md)
+SGD = {**AUTHORS, "lr": 0.1}
 REGIMES = {"paper": PAPER,
            "default": {"pretrain_epochs": 0},
            "authors": {**AUTHORS, "pretrain_epochs": 0},
+           "sgd": {**SGD, "pretrain_epochs": 0},
            "authors + warm start": {**AUTHORS, "pretrain_epochs": 20}}
 # The regime whose unimodal runs measure a regime's premise: its own, or for a warm-started one
 # the same without the warm start; for the paper regime, the default one (AdamW lr 1e-3
@@ -59,11 +65,23 @@ ROWS = {"concat": {"fusion": "concat", "rollingq": False, "roll_stats": "train"}
         "RollingQ, every epoch": {**ATTENTION, "rollingq": True, "max_rolls": None}}
 PASS_ROWS = {"RollingQ, 1 roll, pass stats": {**ROWS["RollingQ, 1 roll"], "roll_stats": "pass"},
              "RollingQ, 3 rolls, pass stats": {**ROWS["RollingQ, 3 rolls"], "roll_stats": "pass"}}
+# RollingQ as the authors ship it (their post-epoch statistics, sigma 0, one roll) and as the paper
+# writes it (its rho, our sigma, > 0: the anchor leans toward the disfavoured modality)
+AUTHORS_ROWS = {"RollingQ, 1 roll, pass stats": PASS_ROWS["RollingQ, 1 roll, pass stats"],
+                "RollingQ, sigma 1, pass stats": {**PASS_ROWS["RollingQ, 1 roll, pass stats"], "sigma": 1.0},
+                "RollingQ, sigma 3, pass stats": {**PASS_ROWS["RollingQ, 1 roll, pass stats"], "sigma": 3.0}}
 
 
 def rows_of(regime):
-    """The rows a regime runs: the paper regime also measures the authors' roll statistics."""
-    return {**ROWS, **(PASS_ROWS if regime == "paper" else {})}
+    """The rows a regime runs: the paper regime measures the authors' roll statistics at 1 and 3
+    rolls; the others the authors' RollingQ and the paper's sigma > 0 (the SGD regimes leave out
+    our 1-roll row, which differs from theirs only by where its statistics come from)."""
+    if regime == "paper":
+        return {**ROWS, **PASS_ROWS}
+    rows = {**ROWS, **AUTHORS_ROWS}
+    if regime in ("authors", "sgd"):
+        del rows["RollingQ, 1 roll"]
+    return {row: rows[row] for row in ("concat", "attention (vanilla)", *[r for r in rows if r.startswith("RollingQ")])}
 
 
 # The warm start (pretrain_epochs > 0): each encoder alone first, with a recipe of its own that
@@ -102,7 +120,11 @@ def study_run(args, overrides, data, device, cache, flags, start=None):
     if path and path.exists():
         return json.loads(path.read_text()), True
     hook = start(run_args, device) if start else warm_start(run_args, device) if run_args.pretrain_epochs else None
-    model, metrics = train.run(run_args, data, device, log=lambda line: None, measures=paper_measures, warm_start=hook)
+    shares = None if run_args.unimodal else GradientShares()
+    model, metrics = train.run(run_args, data, device, log=lambda line: None, measures=study_measures,
+                               warm_start=hook, on_step=shares)
+    if shares is not None:
+        metrics["final"]["gradient_share"] = shares.per_epoch(data.names)
     if run_args.unimodal:
         j = data.names.index(run_args.unimodal)
         metrics["correct"] = correct_per_sample(model, [data.test_x[j].to(device)], data.test_y.to(device))
@@ -234,22 +256,36 @@ def study_tables(rows, names, favoured):
     def by_noise(f, kind):
         return f["attention_by_noise"][favoured][kind] if "attention_by_noise" in f else None
 
+    vanilla = [m["final"] for m in rows["attention (vanilla)"]]
+    snr = "acc_low_snr" in vanilla[0]                                 # the data has per-sample SNR
+    kinds = list(vanilla[0]["converged_probe"][names[0]]) if "converged_probe" in vanilla[0] else []
+
+    def converged(f, m, kind):
+        return f["converged_probe"][m][kind]["acc"] if "converged_probe" in f else None
+
+    def grad_share(f, m=favoured):
+        return statistics.mean(f["gradient_share"][m]) if "gradient_share" in f else None
+
     accuracy = ([("acc clean", lambda f: f["acc"]["clean"])]
+                + ([("acc low-SNR third", lambda f: f["acc_low_snr"])] if snr else [])
                 + [(f"{favoured} at {lv}", lambda f, lv=lv: f["acc_by_level"][favoured][lv]) for lv in levels]
                 + [(f"{m} at 1", lambda f, m=m: f["acc_by_level"][m]["1"]) for m in others]
-                + [(f"probe {m}", lambda f, m=m: f["probe_acc"][m]) for m in names])
-    dynamics = ([(f"r {m}", lambda f, m=m: attn(f, "attention_quality_r", m)) for m in names]
+                + [(f"probe {m}", lambda f, m=m: f["probe_acc"][m]) for m in names]
+                + [(f"converged probe {m} ({kind})", lambda f, m=m, kind=kind: converged(f, m, kind))
+                   for m in names for kind in kinds])
+    dynamics = (([("r audio attn vs SNR", lambda f: f.get("attention_snr_r"))] if snr else [])
+                + [(f"r {m}", lambda f, m=m: attn(f, "attention_quality_r", m)) for m in names]
                 + [(f"attn {favoured}: informative", lambda f: by_noise(f, "informative")),
                    (f"attn {favoured}: drawn as noise", lambda f: by_noise(f, "noise")),
                    (f"attn {favoured}: clean", lambda f: attn(f["attention"], "clean") if "attention" in f else None),
                    (f"attn {favoured}: replaced", lambda f: attn(f["attention"], f"noise:{favoured}")
                     if "attention" in f else None),
                    ("\\|AIR\\|", lambda f: abs(f["air"]) if "air" in f else None),
-                   ("key gap", lambda f: f.get("key_gap"))])
-
-    vanilla = [m["final"] for m in rows["attention (vanilla)"]]
+                   ("key gap", lambda f: f.get("key_gap"))]
+                + ([(f"grad share {favoured}", grad_share)] if "gradient_share" in vanilla[0] else []))
 
     def table(columns, cell, skip=()):                               # cell(values, vanilla's values of the same seeds)
+        columns = [(name, get) for name, get in columns if any(get(f) is not None for f in vanilla)]
         lines = ["| fusion | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---|" * len(columns)]
         for row, runs in rows.items():
             if not row.startswith("unimodal") and row not in skip:
@@ -259,7 +295,11 @@ def study_tables(rows, names, favoured):
 
     def as_text(values, base):
         d = paired(values, base)
-        return "-" if d is None else f"{d['mean']:+.3f} ± {d['sd']:.3f} ({d['same_sign']}/{d['n']})"
+        return "-" if d is None else f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] {d['same_sign']}/{d['n']}"
+
+    def mde(values, base):
+        d = paired(values, base)
+        return "-" if d is None else f"{d['mde']:.3f}"
 
     per_seed = [("acc clean", lambda f: f["acc"]["clean"]), (f"{favoured} at 1", lambda f: f["acc"][f"noise:{favoured}"])]
     numbers = {row: {name: paired([get(m["final"]) for m in runs], [get(f) for f in vanilla])
@@ -269,19 +309,33 @@ def study_tables(rows, names, favoured):
             "accuracy_paired": table(accuracy, as_text, skip=("attention (vanilla)",)),
             "dynamics": table(dynamics, lambda v, b: mean_std(v)),
             "dynamics_paired": table(dynamics, as_text, skip=("attention (vanilla)", "concat")),
+            "mde": table(accuracy + dynamics, mde, skip=("attention (vanilla)",)),
             "per_seed": table(per_seed, lambda v, b: " ".join(f"{x:.3f}" for x in v)), "paired": numbers}
+
+
+# Student's t quantiles by degrees of freedom 1..30 (beyond: the normal's): 0.975 for a two-sided
+# 95 % interval, 0.80 for 80 % power
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+T80 = (1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.876, 0.873, 0.870, 0.868, 0.866,
+       0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855, 0.854, 0.854)
 
 
 def paired(values, base):
     """The per-seed differences values - base (each seed's row minus its vanilla run): their mean,
-    sd, and how many seeds share the mean's sign (a zero difference shares none); None where a
-    value is missing."""
+    sd, the t-based 95 % confidence interval of the mean, how many seeds share the mean's sign
+    (a zero difference shares none), and the minimum detectable effect: the true mean difference
+    a two-sided paired t-test at 0.05 finds with 80 % power, (t_0.975 + t_0.80) sd / sqrt(n).
+    None where a value is missing."""
     if not values or any(v is None for v in values + base):
         return None
     d = [v - b for v, b in zip(values, base)]
-    mean = statistics.mean(d)
-    return {"mean": mean, "sd": statistics.stdev(d) if len(d) > 1 else 0.0,
-            "same_sign": sum(x * mean > 0 for x in d), "n": len(d), "differences": d}
+    n, mean = len(d), statistics.mean(d)
+    sd = statistics.stdev(d) if n > 1 else 0.0
+    t975, t80 = (T975[n - 2], T80[n - 2]) if 2 <= n <= 31 else (1.960, 0.842)
+    half = t975 * sd / n ** 0.5 if n > 1 else math.inf
+    return {"mean": mean, "sd": sd, "ci": [mean - half, mean + half], "same_sign": sum(x * mean > 0 for x in d),
+            "n": n, "mde": (t975 + t80) * sd / n ** 0.5 if n > 1 else math.inf, "differences": d}
 
 
 def study_markdown(args, report):
@@ -308,10 +362,12 @@ def study_markdown(args, report):
         note = identical_rows(epochs)
         out += ([note, ""] if note else []) + [
             "Accuracy (mean ± std over seeds):", "", tables["accuracy"], "",
-            "Accuracy, paired: each seed's run minus that seed's vanilla run, mean ± sd (seeds sharing the mean's "
-            "sign):", "", tables["accuracy_paired"], "",
+            "Accuracy, paired: each seed's run minus that seed's vanilla run, mean [95 % confidence interval, "
+            "t-based] and the seeds sharing the mean's sign:", "", tables["accuracy_paired"], "",
             "Dynamic fusion (mean ± std over seeds):", "", tables["dynamics"], "",
             "Dynamic fusion, paired with vanilla:", "", tables["dynamics_paired"], "",
+            "Minimum detectable effect of each paired difference (two-sided paired t-test at 0.05, 80 % power, "
+            "from its sd over these seeds):", "", tables["mde"], "",
             "Per seed (0, 1, ...):", "", tables["per_seed"]]
     return "\n".join(out)
 

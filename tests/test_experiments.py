@@ -22,18 +22,19 @@ def test_study_resumes_from_its_run_files_and_reports_premise_and_tables(tiny_np
     n_runs = len(list((tmp_path / "runs").glob("*.json")))
     again, report_again = study.study(args, torch.device("cpu"))
     out = capsys.readouterr().out
-    rows = 7 * 2 + 5 * 2 + 2 * 2 * 2                            # paper, authors: rows x seeds; unimodal: default, authors
+    rows = 7 * 2 + 7 * 2 + 2 * 2 * 2                            # paper, authors: rows x seeds; unimodal: default, authors
     assert n_runs == rows and out.count("(kept from an earlier run)") == rows
     assert report_again == report
     for regime, tables in report["tables"].items():
         lines = tables["accuracy"].splitlines()
-        assert len(lines) == 2 + (7 if regime == "paper" else 5) and lines[2].startswith("| concat |")
+        assert len(lines) == 2 + 7 and lines[2].startswith("| concat |")
         assert lines[3].startswith("| attention (vanilla)") and " ± " in lines[-1]
         assert tables["favoured"] in ("audio", "visual") and f"{tables['favoured']} at 0.25" in lines[0]
         assert "| r audio | r visual |" in tables["dynamics"] and len(tables["per_seed"].splitlines()[2].split()) > 5
         paired = tables["accuracy_paired"].splitlines()             # every row but vanilla, minus vanilla's seeds
         assert len(paired) == len(lines) - 1 and "| attention (vanilla)" not in tables["accuracy_paired"]
-        assert re.search(r"\| [+-]\d\.\d{3} ± \d\.\d{3} \([0-2]/2\) \|", paired[2])
+        assert re.search(r"\| [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] [0-2]/2 \|", paired[2])
+        assert "grad share" in tables["dynamics"] and "converged probe visual (cls)" in lines[0]
         concat = tables["paired"]["concat"]["acc clean"]
         vanilla, mine = (results[regime][row] for row in ("attention (vanilla)", "concat"))
         assert concat["differences"] == [c["final"]["acc"]["clean"] - v["final"]["acc"]["clean"]
@@ -49,6 +50,17 @@ def test_study_resumes_from_its_run_files_and_reports_premise_and_tables(tiny_np
     assert all(c["roll_stats"] == "pass" and c["optimizer"] == "sgd" and c["lr"] == 1e-3 for c in passes)
     configs = [r["config"] for r in results["authors"]["RollingQ, every epoch"]]
     assert [c["seed"] for c in configs] == [0, 1] and all(c["optimizer"] == "sgd" and c["max_rolls"] is None for c in configs)
+
+
+def test_paired_differences_give_a_t_interval_and_the_minimum_detectable_effect():
+    d = study.paired([1.0, 2.0, 4.0, 3.0, 5.0], [0.0] * 5)     # mean 3, sd sqrt(2.5), n 5: t_0.975(4) = 2.776
+    se = 2.5 ** 0.5 / 5 ** 0.5
+    assert d["mean"] == 3.0 and d["ci"] == pytest.approx([3 - 2.776 * se, 3 + 2.776 * se])
+    assert d["mde"] == pytest.approx((2.776 + 0.941) * se) and d["same_sign"] == 5
+    scipy = pytest.importorskip("scipy.stats")
+    for n in (2, 5, 10, 31):
+        assert study.T975[n - 2] == pytest.approx(scipy.t.ppf(0.975, n - 1), abs=1e-3)
+        assert study.T80[n - 2] == pytest.approx(scipy.t.ppf(0.80, n - 1), abs=1e-3)
 
 
 def test_a_set_in_the_box_is_drawn_from_each_seed():
