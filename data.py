@@ -1,14 +1,18 @@
 """Data in, tensors out: the sets in the box, by name, and your own features from one .npz.
 
-    avdigits    real spoken digits paired with real handwritten digits (datasets/README.md)
-    synthetic   built-in synthetic data, drawn from a seed
+    avdigits         real spoken digits paired with real handwritten digits (datasets/README.md)
+    avdigits-noisy   the same, degraded: images rebuilt from 5 principal components, audio mixed
+                     with real background noise at -10..10 dB SNR (side information: the SNR)
+    synthetic        built-in synthetic data, drawn from a seed
 
 Each gives a `Data`: per modality a float32 tensor (N, L_m, D_m) for train and test, and
-integer labels (N,). Bad input raises DataError with a one-line message a user can act on.
+integer labels (N,), and any side information (Data.side: per-sample values such as
+avdigits-noisy's SNR, never a modality). Bad input raises DataError with a one-line message a
+user can act on.
 """
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 from pathlib import Path
 
@@ -29,6 +33,7 @@ class Data:
     test_y: torch.Tensor              # (N_test,)
     n_classes: int
     test_noise: Optional[torch.Tensor] = None   # (N_test, M) bool: modality m of sample i drawn as pure noise (built-in data)
+    side: dict = field(default_factory=dict)    # name -> {"train": (N_train,), "test": (N_test,)} float32: no modality
 
     @property
     def modalities(self):
@@ -41,7 +46,7 @@ class Data:
             raise DataError(f"no modality {name!r} in the data; it has {', '.join(self.names)}")
         j = self.names.index(name)
         return Data([name], [self.train_x[j]], self.train_y, [self.test_x[j]], self.test_y, self.n_classes,
-                    None if self.test_noise is None else self.test_noise[:, j:j + 1])
+                    None if self.test_noise is None else self.test_noise[:, j:j + 1], self.side)
 
 
 # ----------------------------------------------------------------------------------------
@@ -120,14 +125,15 @@ def save_npz(data, path, vectors=()):
 # The sets in the box, by name
 
 AVDIGITS = Path(__file__).resolve().parent / "datasets" / "avdigits.npz"
+AVDIGITS_NOISY = AVDIGITS.with_name("avdigits-noisy.npz")
 
 
-def avdigits(seed=0):
+def avdigits(seed=0, path=AVDIGITS):
     """AV digits (built by experiments/avdigits.py from FSDD and MNIST): audio (16, 64) and
     visual (16, 49) tokens, 2400 train / 600 test samples, 10 digits. Seed 0: the file's pairing;
     another seed pairs each recording with another image of the same digit (in each split),
     so that seeds vary the pairing as they vary the initialisation."""
-    data = load_npz(AVDIGITS)
+    data = load_npz(path)
     if seed:
         g = np.random.default_rng(seed)
         for xs, y in ((data.train_x, data.train_y), (data.test_x, data.test_y)):
@@ -140,7 +146,14 @@ def avdigits(seed=0):
     return data
 
 
-NAMED = {"avdigits": avdigits, "synthetic": synthetic}
+def avdigits_noisy(seed=0):
+    """Noisy AV digits (built by experiments/avdigits_noisy.py): avdigits' samples, split and pairing, the
+    images rebuilt from 5 principal components and the audio mixed with Speech Commands background
+    noise; side["snr"]: each sample's SNR in dB. Seeds re-pair as avdigits (the SNR stays with its recording)."""
+    return avdigits(seed, AVDIGITS_NOISY)
+
+
+NAMED = {"avdigits": avdigits, "avdigits-noisy": avdigits_noisy, "synthetic": synthetic}
 
 
 def load(name, seed=0, **synthetic_size):
@@ -181,7 +194,10 @@ def load_npz(path):
     """Read train_y, test_y and, per modality m, train_<m> and test_<m> from one .npz file.
 
     Features are float arrays (N, L_m, D_m), or (N, D_m) taken as one token; labels are
-    integers 0..C-1. Anything else raises DataError saying what was wrong.
+    integers 0..C-1. Optional side information (a per-sample value that is no modality, such as
+    avdigits-noisy's SNR): side_train_<name> and side_test_<name>, 1-D numeric arrays with one
+    value per sample of the split, loaded as float32 into Data.side[<name>]["train"/"test"].
+    Anything else raises DataError saying what was wrong.
     """
     path = Path(path)
     if path.is_dir():
@@ -215,9 +231,19 @@ def load_npz(path):
     for key in ("train_y", "test_y"):
         if key not in arrays:
             raise DataError(f"{path} has no {key!r}: expected integer labels train_y and test_y")
+    side = {key: arrays.pop(key) for key in list(arrays) if key.startswith("side_")}
+    for key in side:
+        if not key.startswith(("side_train_", "side_test_")) or key.endswith(("_train_", "_test_")):
+            raise DataError(f"{path}: unexpected array {key!r}; side information is side_train_<name> "
+                            f"and side_test_<name>")
+        split, name = key[len("side_"):].split("_", 1)
+        other = f"side_{'test' if split == 'train' else 'train'}_{name}"
+        if other not in side:
+            raise DataError(f"{path}: {key!r} has no matching {other!r}")
     for key in arrays:
         if not key.startswith(("train_", "test_")):
-            raise DataError(f"{path}: unexpected array {key!r}; expected train_y, test_y, train_<m>, test_<m>")
+            raise DataError(f"{path}: unexpected array {key!r}; expected train_y, test_y, train_<m>, test_<m>"
+                            f" (and side information side_train_<name>, side_test_<name>)")
     names = [k[len("train_"):] for k in arrays if k.startswith("train_") and k != "train_y"]
     for key in arrays:
         split, m = key.split("_", 1)
@@ -275,5 +301,12 @@ def load_npz(path):
         if shapes["train"] != shapes["test"]:
             raise DataError(f"{path}: modality {m!r} has (L, D) = {shapes['train']} in train "
                             f"but {shapes['test']} in test")
+    sides = {}
+    for key, v in side.items():
+        split, name = key[len("side_"):].split("_", 1)
+        if v.ndim != 1 or v.dtype.kind not in "fiu" or len(v) != len(ys[split]):
+            raise DataError(f"{path}: side information {key} must be 1-D numbers, one per sample "
+                            f"({len(ys[split])} in {split}_y); got shape {v.shape} dtype {v.dtype}")
+        sides.setdefault(name, {})[split] = torch.from_numpy(v.astype(np.float32))   # (N_split,)
     return Data(names, xs["train"], torch.from_numpy(ys["train"]), xs["test"],
-                torch.from_numpy(ys["test"]), n_classes)
+                torch.from_numpy(ys["test"]), n_classes, side=sides)

@@ -359,7 +359,7 @@ def test_a_sigma_zero_roll_balances_the_gathered_mean_query_and_so_does_the_next
         assert record["rolled"] and record["rolls"] == rolls and record["heads"] == [0, 1]
         out = model.eval()(xs, stats=True)
         c = modality_cosines(out.query.mean(0), out.key_means.mean(0))   # (nh, M)
-        assert torch.allclose(c[:, 0], c[:, 1], atol=1e-5)      # the key gap as the query sees it: closed
+        assert torch.allclose(c[:, 0], c[:, 1], atol=1e-5)      # the mean query is equally close to both mean keys
 
 
 def test_inside_collecting_an_eval_pass_gathers_and_replaces_the_training_steps_sums():

@@ -436,8 +436,10 @@ def build_parser(description=None, out="write DIR/metrics.json", prog=None):
     g.add_argument("--dropout", type=float, default=0.2, help="dropout on the fusion attention weights and output "
                    "(default: %(default)s, the authors' value)")
     g = p.add_argument_group("model and training")
-    g.add_argument("--data", metavar="NAME|PATH.npz", default="avdigits", help="a set in the box (avdigits: real "
-                   "spoken and handwritten digits; synthetic: drawn from a seed) or your features (see README)")
+    g.add_argument("--data", metavar="NAME|PATH.npz", default="avdigits-noisy", help="a set in the box "
+                   "(avdigits-noisy: spoken digits in real background noise with handwritten digits from 5 principal "
+                   "components, neither enough alone; avdigits: the same, clean; synthetic: drawn from a seed) or your "
+                   "features (see README)")
     g.add_argument("--epochs", type=int, default=25, help="passes over the training set")
     g.add_argument("--batch-size", type=int, default=64, help="global batch size (split across ranks)")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd: momentum 0.9 (the authors')")
@@ -454,7 +456,7 @@ def build_parser(description=None, out="write DIR/metrics.json", prog=None):
                    "--width, --layers, --encoder-heads and --heads; paper: width 768, 4 encoder layers of 12 heads, "
                    "with --data synthetic 512 + 588 tokens (the authors' Kinetics-Sounds counts): a GPU setting (explicit flags win)")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, batch order and a set in the box's "
-                   "draw (avdigits: which image goes with which recording)")
+                   "draw (avdigits, avdigits-noisy: which image goes with which recording)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     g = p.add_argument_group("files")
     g.add_argument("--out", metavar="DIR", help=out)

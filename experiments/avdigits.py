@@ -53,19 +53,20 @@ SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
 RATE, WINDOW, HOP, NFFT, BANDS, FRAMES, FLOOR = 8000, 320, 160, 512, 32, 32, 1e-6
 
 
-def read_wav(path):
-    """One FSDD recording as float samples in [-1, 1): (T,)."""
+def read_wav(path, rate=RATE):
+    """One 16-bit mono recording at `rate` Hz (default: FSDD's 8 kHz) as float samples in [-1, 1): (T,)."""
+    expected = f"{rate / 1000:g} kHz mono 16-bit"
     try:
         with wave.open(str(path), "rb") as w:
             shape = (w.getnchannels(), w.getsampwidth(), w.getframerate())
             n, raw = w.getnframes(), w.readframes(w.getnframes())
     except FileNotFoundError:
-        raise DataError(f"no such file: {path}; expected an FSDD recording (8 kHz mono 16-bit WAV)") from None
+        raise DataError(f"no such file: {path}; expected a recording ({expected} WAV)") from None
     except (wave.Error, EOFError, OSError) as e:
-        raise DataError(f"{path} is not a readable WAV file ({e}); expected 8 kHz mono 16-bit PCM") from None
-    if shape != (1, 2, RATE):
+        raise DataError(f"{path} is not a readable WAV file ({e}); expected {expected} PCM") from None
+    if shape != (1, 2, rate):
         raise DataError(f"{path} has {shape[0]} channel(s), {8 * shape[1]}-bit, {shape[2]} Hz; "
-                        f"expected 8 kHz mono 16-bit PCM")
+                        f"expected {expected} PCM")
     if n == 0 or len(raw) != 2 * n:
         raise DataError(f"{path} is truncated: its header says {n} samples, it holds {len(raw) // 2}")
     return np.frombuffer(raw, dtype="<i2").astype(np.float64) / 32768
@@ -155,8 +156,8 @@ def pair_images(recordings, images, labels, split):
     return chosen
 
 
-def build(source=SOURCE, test_speakers=None):
-    """The AV digits arrays: train_y, test_y (int64), train/test_audio (N, 16, 64), train/test_visual (N, 16, 49)."""
+def recordings_split(source=SOURCE, test_speakers=None):
+    """The recordings (digit, speaker, index), sorted, and whether each is in the test split: (N,) bool."""
     unknown = sorted(set(test_speakers or ()) - set(SPEAKERS))
     if unknown:
         raise DataError(f"unknown speaker {', '.join(map(repr, unknown))}; the speakers are {', '.join(SPEAKERS)}")
@@ -166,23 +167,41 @@ def build(source=SOURCE, test_speakers=None):
     if not source.is_dir():
         raise DataError(f"no such folder: {source}; expected the raw AV digits sources (fsdd/ and mnist/)")
     recordings = [(d, s, i) for d in range(10) for s in SPEAKERS for i in range(50)]   # sorted (digit, speaker, index)
-    is_test = [(s in test_speakers) if test_speakers else i < 10 for d, s, i in recordings]
-    spectra = np.stack([log_mel(read_wav(source / "fsdd" / f"{d}_{s}_{i}.wav")) for d, s, i in recordings])
+    is_test = np.array([(s in test_speakers) if test_speakers else i < 10 for d, s, i in recordings])
+    return recordings, is_test
+
+
+def mnist_images(source=SOURCE):
+    """Per split the MNIST images (n, 28, 28) uint8 and labels (n,) the pairing draws from."""
+    source = Path(source)
     t10k = read_idx(source / "mnist" / "t10k-images-idx3-ubyte.gz"), read_idx(source / "mnist" / "t10k-labels-idx1-ubyte.gz")
     if t10k[0].shape[1:] != (28, 28) or t10k[1].ndim != 1 or len(t10k[0]) != len(t10k[1]):
         raise DataError(f"{source / 'mnist'}: t10k images {t10k[0].shape} and labels {t10k[1].shape} do not match; "
                         f"expected (N, 28, 28) and (N,)")
-    mnist = {"train": read_mnist_csv(source / "mnist" / "mnist_5k.csv.gz"), "test": t10k}
-    train_rows = ~np.array(is_test)
+    return {"train": read_mnist_csv(source / "mnist" / "mnist_5k.csv.gz"), "test": t10k}
+
+
+def audio_tokens(spectra, train_rows):
+    """Log-mel spectra (N, 32 bands, 32 frames), standardised per band with the statistics of the training
+    rows (N,) bool, cut in time into tokens: (N, 16, 2 frames x 32 bands) float16."""
     mean = spectra[train_rows].mean(axis=(0, 2))[:, None]            # (32, 1): one per mel band
     std = spectra[train_rows].std(axis=(0, 2))[:, None]
+    frames = ((spectra - mean) / std).transpose(0, 2, 1)              # (N, 32 frames, 32 bands)
+    return frames.reshape(-1, 16, 64).astype(np.float16)
+
+
+def build(source=SOURCE, test_speakers=None):
+    """The AV digits arrays: train_y, test_y (int64), train/test_audio (N, 16, 64), train/test_visual (N, 16, 49)."""
+    recordings, is_test = recordings_split(source, test_speakers)
+    spectra = np.stack([log_mel(read_wav(Path(source) / "fsdd" / f"{d}_{s}_{i}.wav")) for d, s, i in recordings])
+    audio = audio_tokens(spectra, ~is_test)                           # (N, 16, 64)
+    mnist = mnist_images(source)
     arrays = {}
-    for split, rows in (("train", train_rows), ("test", ~train_rows)):
+    for split, rows in (("train", ~is_test), ("test", is_test)):
         recs = [r for r, keep in zip(recordings, rows) if keep]
         images = pair_images(recs, *mnist[split], split)             # (N, 28, 28)
         arrays[f"{split}_y"] = np.array([d for d, _, _ in recs], np.int64)
-        frames = ((spectra[rows] - mean) / std).transpose(0, 2, 1)    # (N, 32 frames, 32 bands)
-        arrays[f"{split}_audio"] = frames.reshape(-1, 16, 64).astype(np.float16)   # (N, 16, 2 frames x 32 bands)
+        arrays[f"{split}_audio"] = audio[rows]
         arrays[f"{split}_visual"] = patches(images / 255, 7, 7).astype(np.float16)              # (N, 16, 49)
     return {k: arrays[k] for k in ("train_y", "test_y", "train_audio", "test_audio", "train_visual", "test_visual")}
 

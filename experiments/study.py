@@ -1,18 +1,20 @@
 """The reproduction study: does RollingQ do what the paper says, on this data, with this head?
 
-    python -m experiments.study --out runs/study-avdigits                  # AV digits: paper, default regimes
+    python -m experiments.study --out runs/study-noisy                     # AV digits noisy: default, sgd regimes, 10 seeds
+    python -m experiments.study --data avdigits --regimes paper,default --seeds 5 --out runs/study-avdigits
     python -m experiments.study --data synthetic --regimes paper --out runs/study-synthetic
     python -m experiments.study --data yours.npz --regimes default --seeds 3 --out runs/mine
 
 For each training regime, over --seeds seeds: static concat, vanilla attention and RollingQ
-(1 roll, 3 rolls, every epoch; in the paper regime also 1 and 3 rolls with the authors' roll
-statistics), plus the unimodal runs that measure the data's premise. A set in the box is drawn
-from each seed (synthetic: a new draw; avdigits: a new pairing of images with recordings); a
---data file is the same for every seed. Every row of a seed shares its data, initialisation and
-batch order with that seed's vanilla row, so effects are read as paired differences from vanilla.
-Prints the premise and, per regime, tables of accuracies (clean, and the favoured modality
-corrupted at measures.NOISE_LEVELS), the paper's measures of dynamic fusion, the paired
-differences and per-seed values; with --out writes study.md, study.json, study.png (with
+(1 roll, 3 rolls, every epoch; the authors' RollingQ, with their roll statistics, and the
+paper's sigma > 0; rows_of says which in which regime), plus the unimodal runs that measure the
+data's premise. A set in the box is drawn from each seed (synthetic: a new draw; avdigits and
+avdigits-noisy: a new pairing of images with recordings); a --data file is the same for every
+seed. Every row of a seed shares its data, initialisation and batch order with that seed's
+vanilla row, so effects are read as paired differences from vanilla, with their 95 % intervals
+and minimum detectable effects. Prints the premise and, per regime, tables of accuracies (clean,
+and the favoured modality corrupted at measures.NOISE_LEVELS), the measures of dynamic fusion
+(measures.study_measures), the paired differences and per-seed values; with --out writes study.md, study.json, study.png (with
 matplotlib) and one file per run in runs/, so an interrupted study resumes where it stopped.
 """
 
@@ -429,8 +431,8 @@ def parse_args(argv=None):
                                "DIR/runs/ (a study started again resumes from them; delete them after changing the "
                                "code or the data)", prog="python -m experiments.study")
     g = p.add_argument_group("study")
-    g.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for every row (a set in the box: each draws its own)")
-    g.add_argument("--regimes", type=regimes_arg, default="paper,default", metavar="A,B",
+    g.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 for every row (a set in the box: each draws its own)")
+    g.add_argument("--regimes", type=regimes_arg, default="default,sgd", metavar="A,B",
                    help=f"comma-separated, from: {', '.join(REGIMES)}")
     args = parse(p, argv, fixed=("rollingq", "fusion", "max_rolls", "seed", "unimodal", "load", "eval_only", "save",
                                  "roll_stats"))

@@ -65,7 +65,7 @@ def test_paired_differences_give_a_t_interval_and_the_minimum_detectable_effect(
 
 def test_a_set_in_the_box_is_drawn_from_each_seed():
     args = study.parse_args([])
-    assert args.regimes == ["paper", "default"] and args.seeds == 5 and args.data == "avdigits"
+    assert args.regimes == ["default", "sgd"] and args.seeds == 10 and args.data == "avdigits-noisy"
     a, b = train.load_data(args, 0), train.load_data(args, 1)                       # the images re-paired
     assert not torch.equal(a.train_x[1], b.train_x[1]) and torch.equal(a.train_x[1], train.load_data(args).train_x[1])
     args = study.parse_args(["--data", "synthetic"])
@@ -76,7 +76,7 @@ def test_a_set_in_the_box_is_drawn_from_each_seed():
 def test_the_study_header_counts_in_words_and_says_once_which_rows_cannot_differ():
     def markdown(seeds):
         return study.study_markdown(study.parse_args(["--seeds", str(seeds)]), {"tables": {}})
-    assert markdown(1).startswith("## Study: avdigits, drawn from each seed, authors head, 1 seed")
+    assert markdown(1).startswith("## Study: avdigits-noisy, drawn from each seed, authors head, 1 seed")
     assert "3 seeds" in markdown(3)
     assert study.identical_rows(2) == ("With 2 epochs at most 1 roll is possible (a roll needs an epoch after it): "
                                        'the rows "RollingQ, 1 roll", "RollingQ, 3 rolls" and "RollingQ, every epoch" '
@@ -85,7 +85,7 @@ def test_the_study_header_counts_in_words_and_says_once_which_rows_cannot_differ
                                        'the rows "RollingQ, 3 rolls" and "RollingQ, every epoch" are identical runs.')
     assert study.identical_rows(5) is None
     r = cli("--help", module="experiments.study")
-    assert r.returncode == 0 and "(default: paper,default)" in " ".join(r.stdout.split())
+    assert r.returncode == 0 and "(default: default,sgd)" in " ".join(r.stdout.split())
 
 
 def test_a_warm_start_regime_takes_its_premise_from_the_same_regime_without_it():

@@ -103,9 +103,9 @@ def test_cli_bad_input_gets_one_line_exit_status_2_and_leaves_no_out_folder(tmp_
         (["--lr", "nan"], "--lr must be positive and finite"),
         (["--data", tiny_npz, "--load", str(tmp_path / "notes.txt")], f"notes.txt: {not_a_checkpoint}"),
         (["--data", tiny_npz, "--load", tiny_npz], f"tiny.npz: {not_a_checkpoint}"),
-        (["--data", "avdigit"], "--data avdigit: neither a set in the box (avdigits, synthetic) nor a file"),
+        (["--data", "avdigit"], "--data avdigit: neither a set in the box (avdigits, avdigits-noisy, synthetic) nor a file"),
         (["--load", str(tmp_path / "tiny.pt")], f"tiny.pt: the model was trained on {tiny_npz}, whose modalities "
-                                                "{'audio': (4, 6), 'visual': (1, 15)} and 4 classes this data (avdigits: "
+                                                "{'audio': (4, 6), 'visual': (1, 15)} and 4 classes this data (avdigits-noisy: "
                                                 f"{{'audio': (16, 64), 'visual': (16, 49)}}, 10 classes) does not have: "
                                                 f"pass --data {tiny_npz}"),
         (["--data", "synthetic", "--load", str(tmp_path / "tiny.pt")], f"pass --data {tiny_npz}"),
