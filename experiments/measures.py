@@ -5,6 +5,11 @@
                          and its quality u (each sample's modality corrupted at level 1 - u)
     attention_by_noise   where the data says which test samples were drawn as pure noise in a
                          modality (the synthetic set): its attention share there and elsewhere
+and, for the study (study_measures; declared in docs/reproduction.md before its runs):
+    acc_low_snr          where the data has per-sample SNR (avdigits-noisy): accuracy on the test
+    attention_snr_r      third with the lowest SNR; Pearson r between audio's attention share and the SNR
+    converged_probe      linear probes fitted to convergence on each frozen encoder's features
+    GradientShares       (an on_step hook) each encoder's share of the gradient norm, per epoch
 
 The corruption is data.corrupted with data.noise_draws: every model meets the same draw, the
 one train.final_evaluation replaces a modality with (level 1). The paper grades its noise and

@@ -190,3 +190,37 @@ def test_token_share_changes_one_thing_at_a_time_and_resumes(tiny_npz, tmp_path,
     token_share.main(argv)                                      # resumed: every run kept, none made again
     assert capsys.readouterr().out.count("| seed 0:") == 3
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")} == written
+
+
+def test_calibrate_reports_each_modality_alone_concat_and_the_samples_only_one_gets_right(tiny_npz, monkeypatch):
+    from experiments import calibrate
+    parse_args = train.parse_args
+    monkeypatch.setattr(train, "parse_args", lambda argv=None, parser=None: parse_args([*argv, *TINY, "--epochs", "3"], parser))
+    result = calibrate.calibrate(tiny_npz, seed=0)
+    assert {"audio", "visual", "concat"} <= set(result) and all(0 <= result[k] <= 1 for k in ("audio", "visual", "concat"))
+    assert len(result["audio by epoch 1, 3"]) == 2
+    shares = result["audio only"] + result["visual only"] + result["neither"]
+    assert 0 < shares <= 1                                      # disjoint shares of the test samples
+
+
+def test_the_converged_probe_converges_and_separates_separable_features():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (300,), generator=g)
+    f = torch.randn(300, 8, generator=g, dtype=torch.float64) + 4 * torch.eye(8, dtype=torch.float64)[y]
+    probe = measures.fit_probe(f[:200], y[:200], f[200:], y[200:], 3)
+    assert probe["grad_norm"] < 1e-4 and probe["acc"] > 0.95
+
+
+def test_snr_measures_read_the_lowest_third_and_gradient_shares_sum_to_one(tiny_npz):
+    d = datasets.load_npz(tiny_npz)
+    d.side["snr"] = {"train": torch.linspace(-10, 10, len(d.train_y)), "test": torch.linspace(-10, 10, len(d.test_y))}
+    shares = measures.GradientShares()
+    args = train.parse_args([*TINY])
+    model, metrics = train.run(args, d, torch.device("cpu"), log=lambda line: None, measures=measures.study_measures,
+                               on_step=shares)
+    low = d.side["snr"]["test"] <= d.side["snr"]["test"].quantile(1 / 3)
+    final = metrics["final"]
+    assert final["acc_low_snr"] == train.evaluate(model, [x[low] for x in d.test_x], d.test_y[low], d.names)["acc"]
+    assert -1 <= final["attention_snr_r"] <= 1 and set(final["converged_probe"]) == {"audio", "visual"}
+    per_epoch = shares.per_epoch(d.names)
+    assert len(per_epoch["audio"]) == 2 and all(abs(a + v - 1) < 1e-5 for a, v in zip(per_epoch["audio"], per_epoch["visual"]))
