@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rollingq import (Config, MultimodalTransformer, NoAnchor, QueryRotation, RollingQ, attention_imbalance_rate,
-                      equiangular_anchor, key_gap, modality_cosines, modality_leads, query_rotation, rolling_target,
+                      equiangular_anchor, key_gap, modality_cosines, modality_leads, rolling_target,
                       rotation_matrix, checked_inputs)
 
 settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)   # the same examples every run: no flaky CI
@@ -903,11 +903,10 @@ def test_compiled_with_inductor_under_bf16_autocast_it_gathers_rolls_and_uses_th
     model = tiny_model()
     model.fusion = torch.compile(model.fusion)                  # inductor, the default backend: the layer alone
     controller = RollingQ(model, max_rolls=None)
-    g = torch.Generator().manual_seed(0)
     for epoch in range(3):                                      # gathers and rolls after a roll too
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = train_forward(model, batch(epoch))
-        assert controller.step()["rolls"] == epoch + 1
+        assert out.query.dtype == torch.bfloat16 and controller.step()["rolls"] == epoch + 1
     R = model.fusion.rotation.R
     assert R.dtype == torch.float32 and torch.allclose(R[0] @ R[0].T, torch.eye(16), atol=1e-5)
     model.eval()

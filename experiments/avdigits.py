@@ -229,14 +229,21 @@ def main(argv=None):
     args = p.parse_args(argv)
     speakers = [s.strip() for s in args.test_speakers.split(",")] if args.test_speakers is not None else None
     start = time.time()
-    arrays = build(args.source, speakers)
-    write_npz(arrays, args.out)
-    data = load_npz(args.out)                                         # numpy.load and the project's checks accept it
-    digest = hashlib.sha256(Path(args.out).read_bytes()).hexdigest()
+    write_and_report(build(args.source, speakers), args.out, start)
+
+
+def write_and_report(arrays, path, start, notes=()):
+    """Write the arrays (write_npz), check that the project's loader accepts the file, and print
+    its splits, shapes, the `notes` lines, its size, sha256 and the seconds since `start`."""
+    write_npz(arrays, path)
+    data = load_npz(path)                                             # numpy.load and the project's checks accept it
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     print(f"train {len(data.train_y)}, test {len(data.test_y)}, {data.n_classes} classes")
     for name, x in zip(data.names, data.train_x):
         print(f"  {name}: {tuple(x.shape[1:])}")
-    print(f"wrote {args.out}: {Path(args.out).stat().st_size / 1e6:.2f} MB, sha256 {digest}, {time.time() - start:.1f} s")
+    for line in notes:
+        print(line)
+    print(f"wrote {path}: {Path(path).stat().st_size / 1e6:.2f} MB, sha256 {digest}, {time.time() - start:.1f} s")
 
 
 if __name__ == "__main__":
