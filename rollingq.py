@@ -111,19 +111,16 @@ class QueryRotation(nn.Module):
          query (a layer that computes every token's query rotates q[:, :, :1] and concatenates
          the rest back), key_means (B, nh, M, hs) each modality's mean key k̄_m(x) over its own
          tokens (not the CLS token's key).
-    Gathering: once a RollingQ rolls this rotation, each training step (training mode with
-    gradients on) adds that batch's R q and mean keys to running sums the rotation owns;
-    evaluation (eval mode, or no_grad / inference_mode) only rotates, with no side effect.
-    Several forwards per step, gradient accumulation, validation at any time: all fine; the
-    last forward is "the last batch" whose AIR decides the roll, as in the authors' code.
-    The sums are plain tensors, not buffers (DDP would overwrite them with rank 0's) and not in
-    state_dict(); loading a state dict drops them. nn.DataParallel's replicas lose what they
-    gather: train with DistributedDataParallel (step() then says so).
+    Gathering: once a RollingQ rolls this rotation, each training step (training mode, gradients
+    on) adds its R q and mean keys to running sums the rotation owns; evaluation (eval mode,
+    no_grad, inference_mode) only rotates. Several forwards a step, gradient accumulation,
+    validation at any time: all fine; the last forward is "the last batch" whose AIR decides.
+    The sums are plain tensors, not buffers (DDP would overwrite them with rank 0's), not in
+    state_dict(), dropped by a load. nn.DataParallel's replicas lose them: use DDP.
     R and the roll count are buffers, in state_dict() and never trained (the authors keep the
     count outside it, so a reloaded model of theirs skips its roll); R stays float32 (or
-    float64) when the model is cast to bf16 or fp16. A loaded R that is not a rotation (e.g.
-    an EMA that averaged it) is refused: an EMA copies the buffers (README).
-    """
+    float64) under model.half(). A loaded R that is no rotation (an EMA that averaged it) is
+    refused: an EMA copies the buffers (README)."""
 
     def __init__(self, n_heads, head_size):
         super().__init__()

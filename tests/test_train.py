@@ -268,3 +268,42 @@ def test_roll_stats_pass_takes_the_mean_keys_from_an_eval_pass_over_the_training
     m = run_in_process([*TINY, "--rollingq", "--roll-stats", "pass", "--max-rolls", "none", "--epochs", "3"], d)
     assert [e["rolled"] for e in m["epochs"]] == [True, True, False] and m["config"]["roll_stats"] == "pass"
     assert refused(cli("--roll-stats", "pass"), "add --rollingq") and refused(cli("--roll-stats", "x"), "invalid choice")
+
+
+def readme_recipe(name):
+    """The README python block that defines class `name`, run; returns its namespace."""
+    code = next(b for b in readme_blocks("python") if f"class {name}(" in b)
+    namespace = {}
+    exec(compile(code, f"README.md:{name}", "exec"), namespace)
+    return namespace
+
+
+def test_readme_multihead_attention_recipe_equals_nn_multiheadattention_before_a_roll():
+    torch.manual_seed(0)
+    RollingMHA, RollingQ = (readme_recipe("RollingMHA")[k] for k in ("RollingMHA", "RollingQ"))
+    layer = RollingMHA(32, 4, spans=[(0, 6), (6, 10)], dropout=0.1).eval()
+    cls, tokens = torch.randn(8, 1, 32), torch.randn(8, 10, 32)
+    assert torch.allclose(layer(cls, tokens), layer.mha(cls, tokens, tokens, need_weights=False)[0], atol=1e-6)
+    controller = RollingQ(layer)
+    layer.train()(cls, tokens).square().mean().backward()
+    assert controller.step()["rolled"] and not torch.allclose(layer.eval()(cls, tokens), layer.mha(cls, tokens, tokens)[0])
+    assert layer.mha.in_proj_bias.grad[32:64].abs().max() < 1e-8   # the key bias: a gradient of rounding only
+
+
+def test_readme_timm_style_recipe_rolls_the_cls_row_only_and_handles_the_key_bias():
+    torch.manual_seed(0)
+    RollingAttention = readme_recipe("RollingAttention")["RollingAttention"]
+    x = torch.randn(8, 11, 32)
+    for qk_norm in (False, True):
+        block = RollingAttention(32, 4, spans=[(1, 7), (7, 11)], qk_norm=qk_norm)
+        assert bool((block.qkv.bias[32:64] == 0).all()) is not qk_norm   # zeroed without a k-norm only
+        controller = RollingQ(block)
+        block(x).square().mean().backward()
+        before = block.eval()(x)
+        assert controller.step()["rolled"]
+        after = block(x)
+        assert torch.allclose(after[:, 1:], before[:, 1:], atol=1e-6) and not torch.allclose(after[:, 0], before[:, 0])
+        with torch.no_grad():
+            block.qkv.bias[32:64] = 0                           # zeroing the key bias: no change without a k-norm
+        assert torch.allclose(block(x), after, atol=1e-5) is not qk_norm
+        block.train()
