@@ -206,10 +206,10 @@ class RollingQ:
         cos = sums["last_cos"] / sums["last_n"]      # (nh, M)
         air = attention_imbalance_rate(cos)          # (nh,)
         lean = air if cos.shape[-1] == 2 else modality_leads(cos)   # M > 2: ours
-        rotations, skipped = {}, []
+        rotations, skipped, allowed = {}, [], self.may_roll()
         for h in range(len(air)):                    # each head on its own (several heads: ours)
             # the roll condition: |AIR| > beta and fewer than r_time rolls so far
-            if abs(float(air[h])) <= self.beta or not self.may_roll():
+            if abs(float(air[h])) <= self.beta or not allowed:
                 continue
             try:
                 t = rolling_target(q_bar[h], K_bar[h], lean[h], self.sigma)   # the anchor

@@ -101,10 +101,11 @@ def fit_probe(f_train, y_train, f_test, y_test, n_classes, l2=1e-3):
     features standardised with the training statistics); returns its test accuracy and the
     gradient norm it stopped at (a converged probe: < 1e-4)."""
     mu, sd = f_train.mean(0), f_train.std(0) + 1e-8
-    a, b = (f_train - mu) / sd, (f_test - mu) / sd                    # (N, C)
-    W = torch.zeros(a.shape[1] + 1, n_classes, dtype=torch.float64, device=a.device, requires_grad=True)
-    ones = torch.ones(len(a), 1, dtype=a.dtype, device=a.device)
-    a1 = torch.cat([a, ones], 1)                                      # (N, C + 1): a bias column
+
+    def inputs(f):                                                    # (N, C) -> (N, C + 1): standardised, a bias column
+        return torch.cat([(f - mu) / sd, f.new_ones(len(f), 1)], 1)
+    a1, b1 = inputs(f_train), inputs(f_test)
+    W = torch.zeros(a1.shape[1], n_classes, dtype=torch.float64, device=a1.device, requires_grad=True)
 
     def loss_fn():
         return F.cross_entropy(a1 @ W, y_train) + l2 * W[:-1].square().sum()
@@ -120,8 +121,7 @@ def fit_probe(f_train, y_train, f_test, y_test, n_classes, l2=1e-3):
     optimizer.step(closure)
     grad = torch.autograd.grad(loss_fn(), W)[0].norm()
     with torch.no_grad():
-        acc = (torch.cat([b, torch.ones(len(b), 1, dtype=b.dtype, device=b.device)], 1) @ W).argmax(-1)
-        acc = float((acc == y_test).double().mean())
+        acc = float(((b1 @ W).argmax(-1) == y_test).double().mean())
     return {"acc": acc, "grad_norm": float(grad)}
 
 

@@ -259,7 +259,6 @@ def study_tables(rows, names, favoured):
         return f["attention_by_noise"][favoured][kind] if "attention_by_noise" in f else None
 
     vanilla = [m["final"] for m in rows["attention (vanilla)"]]
-    snr = "acc_low_snr" in vanilla[0]                                 # the data has per-sample SNR
     kinds = list(vanilla[0]["converged_probe"][names[0]]) if "converged_probe" in vanilla[0] else []
 
     def converged(f, m, kind):
@@ -269,13 +268,13 @@ def study_tables(rows, names, favoured):
         return statistics.mean(f["gradient_share"][m]) if "gradient_share" in f else None
 
     accuracy = ([("acc clean", lambda f: f["acc"]["clean"])]
-                + ([("acc low-SNR third", lambda f: f["acc_low_snr"])] if snr else [])
+                + [("acc low-SNR third", lambda f: f.get("acc_low_snr"))]
                 + [(f"{favoured} at {lv}", lambda f, lv=lv: f["acc_by_level"][favoured][lv]) for lv in levels]
                 + [(f"{m} at 1", lambda f, m=m: f["acc_by_level"][m]["1"]) for m in others]
                 + [(f"probe {m}", lambda f, m=m: f["probe_acc"][m]) for m in names]
                 + [(f"converged probe {m} ({kind})", lambda f, m=m, kind=kind: converged(f, m, kind))
                    for m in names for kind in kinds])
-    dynamics = (([("r audio attn vs SNR", lambda f: f.get("attention_snr_r"))] if snr else [])
+    dynamics = ([("r audio attn vs SNR", lambda f: f.get("attention_snr_r"))]
                 + [(f"r {m}", lambda f, m=m: attn(f, "attention_quality_r", m)) for m in names]
                 + [(f"attn {favoured}: informative", lambda f: by_noise(f, "informative")),
                    (f"attn {favoured}: drawn as noise", lambda f: by_noise(f, "noise")),
@@ -284,10 +283,12 @@ def study_tables(rows, names, favoured):
                     if "attention" in f else None),
                    ("\\|AIR\\|", lambda f: abs(f["air"]) if "air" in f else None),
                    ("key gap", lambda f: f.get("key_gap"))]
-                + ([(f"grad share {favoured}", grad_share)] if "gradient_share" in vanilla[0] else []))
+                + [(f"grad share {favoured}", grad_share)])
+    # a column no vanilla run has (no per-sample SNR in the data, say) is left out
+    accuracy, dynamics = ([(name, get) for name, get in columns if any(get(f) is not None for f in vanilla)]
+                          for columns in (accuracy, dynamics))
 
     def table(columns, cell, skip=()):                               # cell(values, vanilla's values of the same seeds)
-        columns = [(name, get) for name, get in columns if any(get(f) is not None for f in vanilla)]
         lines = ["| fusion | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---|" * len(columns)]
         for row, runs in rows.items():
             if not row.startswith("unimodal") and row not in skip:
