@@ -110,17 +110,18 @@ class QueryRotation(nn.Module):
       2. it attends with q_cls = rotation(q_cls, key_means): q_cls (B, nh, 1, hs) the CLS row's
          query (a layer that computes every token's query rotates q[:, :, :1] and concatenates
          the rest back), key_means (B, nh, M, hs) each modality's mean key k̄_m(x) over its own
-         tokens (not the CLS token's key).
+         tokens (not the CLS token's key). With nh = M the shapes cannot tell heads from
+         modalities: stack the modalities on dim 2.
     Gathering: once a RollingQ rolls this rotation, each training step (training mode, gradients
     on) adds its R q and mean keys to running sums the rotation owns; evaluation (eval mode,
-    no_grad, inference_mode) only rotates. Several forwards a step, gradient accumulation,
-    validation at any time: all fine; the last forward is "the last batch" whose AIR decides.
-    The sums are plain tensors, not buffers (DDP would overwrite them with rank 0's), not in
-    state_dict(), dropped by a load. nn.DataParallel's replicas lose them: use DDP.
-    R and the roll count are buffers, in state_dict() and never trained (the authors keep the
-    count outside it, so a reloaded model of theirs skips its roll); R stays float32 (or
-    float64) under model.half(). A loaded R that is no rotation (an EMA that averaged it) is
-    refused: an EMA copies the buffers (README)."""
+    no_grad, inference_mode) only rotates. The last forward gathered decides AIR (the authors'
+    last batch); a forward inside RollingQ.paused() is left out. The sums are plain tensors, not
+    buffers (DDP would overwrite them with rank 0's), dropped by a load; nn.DataParallel's
+    replicas lose them: use DDP. R and the roll count are buffers, in state_dict() and never
+    trained (the authors keep the count outside it: a reloaded model of theirs skips its roll);
+    R stays float32 (or float64) under model.half(). An R changed outside roll() is checked at
+    the next eager forward and refused if no rotation (an EMA that averaged buffers), as is an R
+    never set after to_empty() (reset_parameters() or a load sets it)."""
 
     def __init__(self, n_heads, head_size):
         super().__init__()
@@ -129,10 +130,19 @@ class QueryRotation(nn.Module):
         self.gathering = False                   # set by the RollingQ that rolls this rotation
         self.gathering_in_eval = False           # inside RollingQ.collecting(): the authors' pass
         self.sums = None                         # batch_sums added up since the last step
-        self.register_load_state_dict_post_hook(loaded)
+        trust(self)                              # R as the method last set it: forward compares
+
+    def reset_parameters(self):
+        """R = I and no roll, as built (after to_empty(), say)."""
+        with torch.no_grad():
+            self.R.copy_(torch.eye(self.R.shape[-1]).expand_as(self.R))
+            self.rolls.zero_()
+        self.sums = None
+        trust(self)
 
     def forward(self, q, key_means):                                     # (B, nh, 1, hs), (B, nh, M, hs) -> R q
         check_cls_query(q, key_means, self.R)
+        check_unchanged(self)
         # (R q)ᵀ = qᵀ Rᵀ, in float32 even under autocast
         with torch.autocast(q.device.type, enabled=False):
             rq = q.float() @ self.R.float().transpose(-1, -2)            # (B, nh, 1, hs)
@@ -146,6 +156,12 @@ class QueryRotation(nn.Module):
         for h, R_new in rotations.items():
             self.R[h] = (R_new.double() @ self.R[h].double()).to(self.R.dtype)
         self.rolls += 1
+        trust(self)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if prefix + "R" in state_dict:                                   # a loaded R: checked, the sums stale
+            loaded(self)
 
     def _apply(self, fn, *args, **kwargs):
         # model.half() would round R to 8 bits of mantissa: keep R float32 or better; the sums
@@ -228,6 +244,16 @@ class RollingQ:
         return self.max_rolls is None or int(self.rotation.rolls) < self.max_rolls
 
     @contextlib.contextmanager
+    def paused(self):
+        """Training forwards inside are left out of the statistics (an auxiliary view, say):
+            with controller.paused(): aux = model(second_view)"""
+        self.rotation.gathering = False
+        try:
+            yield
+        finally:
+            self.rotation.gathering = True
+
+    @contextlib.contextmanager
     def collecting(self):
         """The authors' statistics: the forward passes inside gather in any mode (eval, no_grad),
         and replace what the epoch's training steps gathered. E.g. after the epoch:
@@ -295,26 +321,66 @@ def summed_over_ranks(sums, device):
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return sums
     empty = torch.tensor([float(sums is None)], device=device)
-    torch.distributed.all_reduce(empty)
+    all_reduced(empty)
     if empty.item():
         return None
     flat = torch.cat([v.reshape(-1) for v in sums.values()])
-    torch.distributed.all_reduce(flat)
+    all_reduced(flat)
     return {k: part.view_as(v) for (k, v), part in zip(sums.items(), flat.split([v.numel() for v in sums.values()]))}
 
 
-def loaded(rotation, incompatible_keys):
+def all_reduced(x):
+    """torch.distributed.all_reduce, its failure named: a rank that never calls step() leaves the
+    others waiting until the process group's timeout."""
+    try:
+        torch.distributed.all_reduce(x)
+    except RuntimeError as e:
+        raise RuntimeError(f"RollingQ.step: the all-reduce of the statistics failed; every rank must call step() "
+                           f"at the same point (not rank 0 alone): {e}") from e
+
+
+def loaded(rotation):
     """After load_state_dict: a loaded R must be a rotation, and what was gathered is stale."""
     check_orthogonal(rotation.R, "load_state_dict")
+    if int(rotation.rolls) < 0:
+        raise ValueError(f"load_state_dict: QueryRotation.rolls must be >= 0, got {int(rotation.rolls)}")
     rotation.sums = None
+    trust(rotation)
+
+
+def trust(rotation):
+    """Remember R as the method set it (built, rolled, loaded, reset): (id, version, values);
+    None on the meta device, where R holds no values yet."""
+    R = rotation.R
+    rotation.trusted = None if R.is_meta else (id(R), R._version, R.detach().clone())
+
+
+def check_unchanged(rotation):
+    """R written outside roll() (in place: an EMA over buffers, DDP's broadcast; or replaced: a move,
+    a load) is compared with the trusted R and, if it differs, must be a rotation. One integer
+    compare when nothing wrote to it; compiled and exported graphs skip it (the eager model checks)."""
+    R, trusted = rotation.R, rotation.trusted
+    if torch.compiler.is_compiling() or R.is_meta or R.is_inference():
+        return
+    if trusted is not None and trusted[0] == id(R) and trusted[1] == R._version:
+        return
+    if trusted is None:
+        raise ValueError("QueryRotation: R and the roll count were never set after to_empty() (raw memory): load a "
+                         "state dict or call reset_parameters() first")
+    if not torch.equal(R, trusted[2].to(R)):
+        check_orthogonal(R, "QueryRotation.forward")
+    trust(rotation)
 
 
 def check_orthogonal(R, where):
-    error = float((R.double() @ R.double().transpose(-1, -2) - torch.eye(R.shape[-1], dtype=torch.float64,
-                                                                         device=R.device)).abs().max())
+    R64 = R.double()
+    error = float((R64 @ R64.transpose(-1, -2) - torch.eye(R.shape[-1], dtype=torch.float64, device=R.device))
+                  .abs().max())
     if not error <= 1e-4:
         raise ValueError(f"{where}: QueryRotation.R is not a rotation (|R Rᵀ - I| = {error:.2g} > 1e-4); an average "
                          f"of rotations is none: an EMA must copy R and the roll count, not average them")
+    if not bool((torch.linalg.det(R64) > 0).all()):
+        raise ValueError(f"{where}: QueryRotation.R is a reflection (det -1), not a rotation (det +1)")
 
 
 def check_step(sums, rotation):
@@ -351,20 +417,26 @@ def check_rotation(src, dst):
 
 def check_cls_query(q, key_means, R):
     nh, hs = R.shape[0], R.shape[2]
+    for name, x in (("q", q), ("key_means", key_means)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"QueryRotation: {name} must be a tensor, got {type(x).__name__}")
     if q.dim() != 4 or tuple(q.shape[1:]) != (nh, 1, hs):
         raise ValueError(f"QueryRotation rotates the CLS query (B, {nh}, 1, {hs}), got {tuple(q.shape)}; for "
                          f"every token's query (B, nh, T, hs) rotate the CLS row alone: "
                          f"torch.cat([rotation(q[:, :, :1], key_means), q[:, :, 1:]], 2)")
-    if key_means.dim() != 4 or key_means.shape[:2] != q.shape[:2] or key_means.shape[3] != hs \
-            or key_means.shape[2] < 2:
-        raise ValueError(f"QueryRotation needs each modality's mean key (B, {nh}, M, {hs}) for M >= 2 modalities "
-                         f"beside the query {tuple(q.shape)}; got {tuple(key_means.shape)}")
+    if key_means.dim() != 4 or key_means.shape[:2] != q.shape[:2] or key_means.shape[3] != hs:
+        raise ValueError(f"QueryRotation needs each modality's mean key (B, {nh}, M, {hs}) beside the query "
+                         f"{tuple(q.shape)}; got {tuple(key_means.shape)}")
+    if key_means.shape[2] < 2:
+        raise ValueError("QueryRotation needs M >= 2 modalities' mean keys: a query over one modality (pure cross "
+                         "attention) has no AIR, out of scope for RollingQ")
 
 
 def check_settings(beta, sigma, max_rolls):
-    if not (0 <= beta < math.inf and 0 <= sigma < math.inf) or (max_rolls is not None and max_rolls < 0):
-        raise ValueError(f"RollingQ needs finite beta >= 0, finite sigma >= 0 and max_rolls >= 0 (or None); "
-                         f"got beta {beta}, sigma {sigma}, max_rolls {max_rolls}")
+    whole = max_rolls is None or (isinstance(max_rolls, int) and not isinstance(max_rolls, bool) and max_rolls >= 0)
+    if not (0 <= beta < math.inf and 0 <= sigma < math.inf) or not whole:
+        raise ValueError(f"RollingQ needs finite beta >= 0, finite sigma >= 0 and max_rolls a whole number >= 0 "
+                         f"(or None); got beta {beta}, sigma {sigma}, max_rolls {max_rolls!r}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -504,12 +576,6 @@ class FusionAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.rotation = QueryRotation(n_heads, d_model // n_heads)
         self.attn_drop, self.drop = nn.Dropout(dropout), nn.Dropout(dropout)   # as the authors: weights, output
-        # P (M, T): row m averages modality m's tokens, so P k stacks the mean keys k̄_m
-        P = torch.zeros(len(spans), spans[-1][1])
-        for m, (s, e) in enumerate(spans):
-            P[m, s:e] = 1.0 / (e - s)
-        self.register_buffer("P", P, persistent=False)
-        self.register_buffer("member", (P > 0).float().T, persistent=False)   # (T, M): token t is modality m's
 
     def heads(self, x):                                                  # (B, T, C) -> (B, nh, T, hs)
         B, T, C = x.shape
@@ -517,7 +583,7 @@ class FusionAttention(nn.Module):
 
     def forward(self, x, stats=False):                                   # x: (B, T, C) -> (B, C)
         k, v = self.heads(self.k(x)), self.heads(self.v(x))              # (B, nh, T, hs)
-        key_means = self.P.to(k.dtype) @ k                               # (B, nh, M, hs): k̄_m(x)
+        key_means = torch.stack([k[:, :, s:e].mean(2) for s, e in self.spans], 2)   # (B, nh, M, hs): k̄_m(x)
         q = self.rotation(self.heads(self.q(x[:, :1])), key_means)       # (B, nh, 1, hs): R q, the CLS row
         a = (q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])).softmax(-1)   # (B, nh, 1, T)
         y = self.drop(self.proj((self.attn_drop(a) @ v).flatten(1)))     # (B, nh, 1, hs) -> (B, C)
@@ -526,7 +592,7 @@ class FusionAttention(nn.Module):
             extra["query"] = q.detach()[:, :, 0]                         # (B, nh, hs): the query in use, R q
             extra["key_means"] = key_means.detach()                      # (B, nh, M, hs): k̄_m(x)
             # the CLS row's attention on each modality's tokens (the rest is on the CLS token)
-            extra["attention"] = (a.detach() @ self.member.to(a.dtype))[:, :, 0]   # (B, nh, M)
+            extra["attention"] = torch.stack([a.detach()[:, :, 0, s:e].sum(-1) for s, e in self.spans], -1)   # (B, nh, M)
         return y, extra
 
 

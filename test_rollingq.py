@@ -200,6 +200,13 @@ def test_modality_leads_sum_to_zero_and_reduce_to_air_for_two(M, d, seed):
         assert float(attention_imbalance_rate(c)) >= 0
 
 
+@given(nh=st.integers(1, 4), M=st.integers(2, 5), d=st.integers(2, 32), seed=seeds)
+def test_key_gap_is_one_minus_cos_averaged_over_every_head_and_every_pair_of_modalities(nh, M, d, seed):
+    K = torch.randn(nh, M, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    gaps = [1 - F.cosine_similarity(K[h, i], K[h, j], dim=0) for h in range(nh) for i in range(M) for j in range(i + 1, M)]
+    assert key_gap(K) == pytest.approx(float(torch.stack(gaps).mean()), abs=1e-9)
+
+
 @given(d=st.integers(2, 64), seed=seeds, scale=st.floats(1e-3, 1e3))
 def test_key_gap_is_zero_for_one_direction_two_for_opposite_ones_and_blind_to_scale(d, seed, scale):
     k, other = torch.randn(2, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -530,6 +537,9 @@ def test_state_dict_round_trip_of_a_rolled_model_is_exact(head):
 def test_controller_and_model_reject_bad_arguments():
     with pytest.raises(ValueError, match="finite beta >= 0"):
         RollingQ(tiny_model(), beta=-1)
+    for max_rolls in (1.5, -1, True, "2"):
+        with pytest.raises(ValueError, match=f"max_rolls a whole number >= 0 \\(or None\\); .* max_rolls {max_rolls!r}"):
+            RollingQ(tiny_model(), max_rolls=max_rolls)
     with pytest.raises(ValueError, match="gathered nothing since its last step"):
         RollingQ(tiny_model()).step()
     with pytest.raises(ValueError, match="n_classes must be at least 2"):
@@ -619,6 +629,16 @@ def test_fusion_dropout_acts_on_the_attention_weights_and_the_output_in_training
     model.fusion.attn_drop.p = model.fusion.drop.p = 0.0
     model.train()
     assert torch.equal(model(xs).logits, model(xs).logits)
+    fusion = tiny_model().fusion.train()                        # every token's value the same vector u
+    fusion.attn_drop.p, fusion.drop = 0.5, nn.Identity()
+    with torch.no_grad():
+        fusion.v.weight.zero_()
+        fusion.v.bias.normal_()
+        fusion.proj.weight.copy_(torch.eye(16))
+        fusion.proj.bias.zero_()
+    y, _ = fusion(torch.randn(64, 10, 16))                      # (B, C): (sum of the kept weights) u
+    assert not torch.allclose(y, y[:1].expand_as(y))            # the weights were dropped...
+    assert torch.allclose(F.cosine_similarity(y, fusion.v.bias[None], dim=-1).abs(), torch.ones(64), atol=1e-5)   # ...not v
     with pytest.raises(ValueError, match="fusion_dropout must be in"):
         Config(MODALITIES, 4, fusion_dropout=1.0)
 
@@ -647,6 +667,13 @@ def test_rolls_compose_as_r_new_times_r():
     rotation.roll({0: R1})
     rotation.roll({0: R2})
     assert torch.allclose(rotation.R[0], R2 @ R1, atol=1e-6) and int(rotation.rolls) == 2
+    g = torch.Generator().manual_seed(0)
+    R_new = [rotation_matrix(*torch.randn(2, 6, generator=g)) for _ in range(3)]
+    for R in R_new:
+        expected = (R.double() @ rotation.R[0].double()).float()   # the product in float64, rounded once
+        assert not torch.equal(expected, R @ rotation.R[0])     # (a float32 product rounds differently)
+        rotation.roll({0: R})
+        assert torch.equal(rotation.R[0], expected)
 
 
 
@@ -657,9 +684,15 @@ def test_the_rotation_takes_the_cls_query_and_the_mean_keys_and_names_the_shapes
     for shape in ((4, 2, 5, 8), (4, 8), (2, 2, 8), (4, 3, 1, 8), (4, 2, 1, 6)):   # every row, (B, hs), B == nh, ...
         with pytest.raises(ValueError, match=r"rotates the CLS query \(B, 2, 1, 8\), got"):
             rotation(torch.randn(shape), keys)
-    for shape in ((4, 2, 1, 8), (4, 2, 8), (4, 1, 2, 8), (3, 2, 2, 8), (4, 2, 2, 6)):   # one modality, no M, ...
-        with pytest.raises(ValueError, match=r"mean key \(B, 2, M, 8\) for M >= 2 modalities .* got"):
+    for shape in ((4, 2, 8), (4, 1, 2, 8), (3, 2, 2, 8), (4, 2, 2, 6), (4, 3, 2, 8)):   # no M, B == nh, ...
+        with pytest.raises(ValueError, match=r"mean key \(B, 2, M, 8\) beside the query .* got"):
             rotation(torch.randn(4, 2, 1, 8), torch.randn(shape))
+    with pytest.raises(ValueError, match=r"M >= 2 modalities' mean keys: a query over one modality .* out of scope"):
+        rotation(torch.randn(4, 2, 1, 8), torch.randn(4, 2, 1, 8))
+    with pytest.raises(TypeError, match="key_means must be a tensor, got list"):
+        rotation(torch.randn(4, 2, 1, 8), [k for k in keys.unbind(2)])
+    with pytest.raises(TypeError, match="q must be a tensor, got tuple"):
+        rotation((1.0,), keys)
     assert rotation(torch.randn(4, 2, 1, 8), keys).shape == (4, 2, 1, 8)
 
 
@@ -790,17 +823,34 @@ def fit(model, steps, g, n=8, T=5, micro=1, forwards=1, lr=0.1):
         optimizer.step()
 
 
+def expected_roll(rotation, seen):
+    """The roll the paper's rule gives from what training steps saw, [(R q (B, nh, hs), k̄ (B, nh, M, hs))]:
+    the last batch's mean query and AIR, the epoch's mean keys; head 0, sigma 0."""
+    q, k_last = seen[-1]
+    K_bar = torch.cat([k for _, k in seen]).mean(0)[0].double()  # (M, hs) every training forward's keys
+    air = attention_imbalance_rate(modality_cosines(q, k_last).mean(0))[0]
+    target = rolling_target(q.mean(0)[0].double(), K_bar, air)
+    return rotation_matrix(q.mean(0)[0].double(), target) @ rotation.R[0].double()
+
+
 @pytest.mark.parametrize("own_query, micro, forwards", [(False, 1, 1), (True, 1, 1), (True, 1, 2), (True, 4, 1)])
 def test_a_users_layer_rolls_with_two_forwards_a_step_accumulation_or_an_input_dependent_query(own_query, micro, forwards):
     torch.manual_seed(0)
     fusion, g = TinyFusion(own_query=own_query), torch.Generator().manual_seed(1)
     controller = RollingQ(fusion, max_rolls=None)
+    seen = []                                                   # what each training forward's rotation saw
+    fusion.rotation.register_forward_hook(
+        lambda m, inputs, rq: seen.append((rq[:, :, 0].detach(), inputs[1].detach())) if torch.is_grad_enabled() else None)
     for epoch in range(3):
+        seen.clear()
         fit(fusion, 2, g, micro=micro, forwards=forwards)
         with torch.no_grad():
             fusion.eval()(torch.randn(100, 5, 16, generator=g))  # a validation between steps and the roll
         fusion.train()
+        assert len(seen) == 2 * micro * forwards                # every training forward, no validation
+        expected = expected_roll(fusion.rotation, seen)
         assert controller.step()["rolls"] == epoch + 1
+        assert torch.allclose(fusion.rotation.R[0].double(), expected, atol=1e-5)
 
 
 def test_the_rolled_users_query_is_balanced_on_the_epochs_mean_keys():
@@ -909,12 +959,18 @@ def test_compiled_with_inductor_under_bf16_autocast_it_gathers_rolls_and_uses_th
         assert out.query.dtype == torch.bfloat16 and controller.step()["rolls"] == epoch + 1
     R = model.fusion.rotation.R
     assert R.dtype == torch.float32 and torch.allclose(R[0] @ R[0].T, torch.eye(16), atol=1e-5)
+    model.fusion.attn_drop.p = model.fusion.drop.p = 0.0        # a training forward, deterministic
+    compiled = train_forward(model, batch(5))
     model.eval()
     with torch.no_grad():
-        compiled = model(batch(5), stats=True)
-        eager = model.fusion._orig_mod
-        model.fusion = eager
-        assert torch.allclose(compiled.logits, model(batch(5)).logits, atol=1e-5)
+        compiled_eval = model(batch(5))
+        model.fusion = model.fusion._orig_mod                   # eager, the same weights and R
+        assert torch.allclose(compiled_eval.logits, model(batch(5)).logits, atol=1e-5)
+    eager = train_forward(model, batch(5))
+    assert torch.allclose(compiled.logits, eager.logits, atol=1e-2)   # bf16 forward vs float32
+    q = model.fusion.q(model.cls)[0, 0].detach()                # (hs,) the CLS query, one head
+    used, rolled = compiled.query.float()[0, 0], model.fusion.rotation.R[0] @ q
+    assert (used - rolled).norm() < 0.02 * q.norm() < 0.1 * (used - q).norm()   # R q with the rolled R, not q
 
 
 def test_inference_export_vmap_meta_init_deepcopy_and_pickle_work_on_a_rolled_model(tmp_path):
@@ -938,6 +994,8 @@ def test_inference_export_vmap_meta_init_deepcopy_and_pickle_work_on_a_rolled_mo
         meta = tiny_model(heads=2)
     meta.to_empty(device="cpu").load_state_dict(model.state_dict())
     assert torch.equal(meta.eval()(xs).logits, expected)
+    ours, theirs = model(xs, stats=True), meta(xs, stats=True)  # the statistics too, not only the logits
+    assert torch.equal(ours.key_means, theirs.key_means) and torch.equal(ours.attention, theirs.attention)
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert torch.equal(twin(xs).logits, expected) and int(twin.fusion.rotation.rolls) == 1
     assert model.fusion.rotation.sums is None                   # none of it gathered anything
@@ -1001,3 +1059,181 @@ def test_ten_thousand_composed_rolls_stay_orthogonal():
     R = rotation.R[0].double()
     assert rotation.R.dtype == torch.float32 and int(rotation.rolls) == 10_000
     assert (R @ R.T - torch.eye(16, dtype=torch.float64)).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------
+# The traps of real training code: what a copier's loop does to R and the statistics
+
+
+def test_an_r_changed_outside_a_roll_is_refused_at_the_next_forward_unless_it_is_a_rotation():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    model = tiny_model(heads=2)
+    controller = RollingQ(model, max_rolls=None)
+    copies = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=False)   # copy the buffers
+    averages = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for seed in range(2):
+        train_forward(model, batch(seed))
+        assert controller.step()["rolled"]
+        copies.update_parameters(model)
+        averages.update_parameters(model)
+    with torch.no_grad():
+        assert torch.equal(copies.eval()(batch(5)).logits, model.eval()(batch(5)).logits)
+        with pytest.raises(ValueError, match=r"QueryRotation.forward: QueryRotation.R is not a rotation"):
+            averages.eval()(batch(5))
+        model.fusion.rotation.R.copy_(copies.module.fusion.rotation.R)   # in place, the same values: DDP's broadcast
+        model(batch(5))
+        other = rolled_model().fusion.rotation.R                # another rotation written in: a correct use
+        model.fusion.rotation.R.copy_(other)
+        model(batch(5))
+        model.fusion.rotation.R[1, 0, 0] += 1e-3                # a tiny slip is a slip
+        with pytest.raises(ValueError, match=r"QueryRotation.forward: QueryRotation.R is not a rotation"):
+            model(batch(5))
+
+
+def test_reset_parameters_gives_r_identity_and_no_roll_and_an_r_never_set_after_to_empty_is_refused():
+    state = rolled_model().state_dict()
+    with torch.device("meta"):
+        meta = tiny_model(heads=2)
+    meta.to_empty(device="cpu")
+    with pytest.raises(ValueError, match=r"never set after to_empty\(\) \(raw memory\): load a state dict or call "
+                                         r"reset_parameters\(\)"):
+        meta(batch(0))
+    encoders_only = {k: v for k, v in state.items() if k.startswith("encoders.")}
+    meta.load_state_dict(encoders_only, strict=False)           # R not among them: still raw memory
+    with pytest.raises(ValueError, match="never set after to_empty"):
+        meta(batch(0))
+    for module in meta.modules():                               # the usual recipe after to_empty()
+        if hasattr(module, "reset_parameters") and module is not meta:
+            module.reset_parameters()
+    rotation = meta.fusion.rotation
+    assert torch.equal(rotation.R, torch.eye(8).repeat(2, 1, 1)) and int(rotation.rolls) == 0
+    meta(batch(0))
+    meta.load_state_dict(state)                                 # a full load sets it too
+    assert int(rotation.rolls) == 1 and torch.equal(rotation.R, state["fusion.rotation.R"])
+
+
+def test_the_meta_init_model_gathers_and_rolls_as_the_model_it_was_loaded_from():
+    model = rolled_model()
+    with torch.device("meta"):
+        meta = tiny_model(heads=2)
+    meta.to_empty(device="cpu").load_state_dict(model.state_dict())
+    records = []
+    for m in (model, meta):
+        controller = RollingQ(m, max_rolls=None)
+        m.fusion.attn_drop.p = m.fusion.drop.p = 0.0
+        train_forward(m, batch(3))
+        records.append((controller.step(), m.fusion.rotation.R.clone()))
+    assert records[0][0] == records[1][0] and torch.equal(records[0][1], records[1][1])
+
+
+def test_a_forward_inside_paused_is_left_out_of_the_statistics():
+    records = []
+    for auxiliary in (False, True):
+        model = tiny_model()
+        controller = RollingQ(model)
+        train_forward(model, batch(0))
+        if auxiliary:
+            with controller.paused():                           # a second view in the same step
+                train_forward(model, batch(1, n=30))
+            assert model.fusion.rotation.gathering              # and gathering goes on after it
+        records.append((controller.step(), model.fusion.rotation.R.clone()))
+    assert records[0][0] == records[1][0] and torch.equal(records[0][1], records[1][1])
+
+
+def test_a_reflection_or_a_negative_roll_count_is_refused_at_load():
+    model = rolled_model()
+    for key, value, message in (
+            ("fusion.rotation.R", torch.diag(torch.tensor([-1.0] + [1.0] * 7)).repeat(2, 1, 1), r"R is a reflection \(det -1\)"),
+            ("fusion.rotation.rolls", torch.tensor(-5), "rolls must be >= 0, got -5")):
+        state = model.state_dict()
+        state[key] = value
+        with pytest.raises(ValueError, match=f"load_state_dict: QueryRotation.{message}"):
+            tiny_model(heads=2).load_state_dict(state)
+
+
+def test_the_default_controller_rolls_once_as_the_authors_r_time():
+    model, xs = tiny_model(), batch(2)
+    controller = RollingQ(model)
+    rolled = []
+    for _ in range(3):
+        train_forward(model, xs)
+        rolled.append(controller.step()["rolled"])
+    assert rolled == [True, False, False]
+
+
+def test_a_step_at_sigma_above_zero_leans_the_anchor_away_from_the_favoured_modality():
+    e = torch.eye(16)
+    keys = torch.stack([e[0] + 0.5 * e[2], e[1] + 0.5 * e[2]])[None, None].expand(4, 1, 2, 16)   # (B, nh, M, hs)
+    q = (e[0] + 0.2 * e[1]).expand(4, 1, 16)                    # closer to modality 0: AIR > 0
+    rotation, controller = rotation_and_controller(sigma=3.0)
+    through(rotation, q, keys)
+    assert controller.step()["air"][0] > 0.3
+    c = modality_cosines(rotation.R[0] @ q[0, 0], keys[0, 0])
+    assert c[1] > c[0] + 0.1                                    # leaning to the disfavoured modality 1
+
+
+def test_a_nearly_parallel_pair_is_still_rotated_exactly():
+    u = torch.zeros(8, dtype=torch.float64)
+    u[0] = 1.0
+    for angle in (1e-9, 1e-6, 1e-4):
+        v = u.clone()
+        v[3] = angle                                            # an angle of about `angle`, far below 1e-3
+        R = rotation_matrix(u, v)
+        assert torch.allclose(R @ u, F.normalize(v, dim=0), atol=1e-13, rtol=0)
+
+
+def test_the_gathered_sums_move_with_the_module():
+    rotation, _ = rotation_and_controller()
+    through(rotation, torch.randn(4, 1, 16), torch.randn(4, 1, 2, 16))
+    rotation.to("meta")
+    assert all(v.is_meta for v in rotation.sums.values())
+
+
+def test_a_loaded_r_is_a_rotation_to_within_1e_4():
+    state = QueryRotation(1, 8).state_dict()
+    for slip, accepted in ((5e-5, True), (2e-4, False)):
+        state["R"] = torch.eye(8)[None] * (1 + slip)            # |R Rᵀ - I| about 2 slip
+        if accepted:
+            QueryRotation(1, 8).load_state_dict(state)
+        else:
+            with pytest.raises(ValueError, match="not a rotation"):
+                QueryRotation(1, 8).load_state_dict(state)
+
+
+@given(M=st.integers(3, 6), sigma=st.floats(0.1, 5), seed=seeds)
+def test_the_general_anchor_weights_the_unit_mean_keys_by_softmax_of_minus_2_sigma_cos(M, sigma, seed):
+    k_hat = torch.linalg.qr(torch.randn(16, M, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0].T
+    cos = torch.rand(M, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) * 2 - 1
+    t = equiangular_anchor(k_hat, modality_leads(cos), sigma)   # orthonormal k̂: t · k̂_m is the weight of m
+    assert torch.allclose(k_hat @ t, torch.softmax(-2 * sigma * cos, 0), atol=1e-10)
+
+
+def test_air_for_more_than_two_modalities_is_the_largest_lead_not_the_largest_magnitude():
+    cos = torch.tensor([0.5, 0.5, -0.4])                        # leads 0.45, 0.45, -0.9
+    assert float(attention_imbalance_rate(cos)) == pytest.approx(0.45)
+
+
+def _step_on_rank_zero_only(rank, store, results):
+    import datetime
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=3))
+    try:
+        torch.manual_seed(0)
+        fusion = TinyFusion()
+        controller = RollingQ(fusion)
+        fusion(torch.randn(4, 5, 16))
+        if rank == 0:                                           # rank 1 never calls step()
+            try:
+                controller.step()
+            except RuntimeError as e:
+                torch.save({"error": str(e)}, results)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_step_on_one_rank_only_fails_with_a_message_that_names_rollingq(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_step_on_rank_zero_only, args=(str(tmp_path / "store"), str(tmp_path / "r")), nprocs=2)
+    error = torch.load(tmp_path / "r", weights_only=True)["error"]
+    assert error.startswith("RollingQ.step: the all-reduce of the statistics failed; every rank must call step()")
