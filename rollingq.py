@@ -255,14 +255,17 @@ class RollingQ:
 
     @contextlib.contextmanager
     def collecting(self):
-        """The authors' statistics: the forward passes inside gather in any mode (eval, no_grad),
-        and replace what the epoch's training steps gathered. E.g. after the epoch:
+        """The authors' statistics: the forward passes inside gather in any mode (eval, no_grad); their
+        mean keys replace the epoch's, and AIR and the query stay the last training batch's, as theirs
+        (the pass's last batch's if no training step gathered). E.g. after the epoch:
             with controller.collecting(), torch.no_grad(): for xs in train_batches: model.eval()(xs)"""
-        self.rotation.sums, self.rotation.gathering_in_eval = None, True
+        trained, self.rotation.sums, self.rotation.gathering_in_eval = self.rotation.sums, None, True
         try:
             yield
         finally:
             self.rotation.gathering_in_eval = False
+            if trained is not None and self.rotation.sums is not None:
+                self.rotation.sums.update({k: trained[k] for k in ("last_n", "last_query", "last_cos")})
 
 
 # ----------------------------------------------------------------------------------------

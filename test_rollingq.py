@@ -369,16 +369,17 @@ def test_a_sigma_zero_roll_balances_the_gathered_mean_query_and_so_does_the_next
         assert torch.allclose(c[:, 0], c[:, 1], atol=1e-5)      # the mean query is equally close to both mean keys
 
 
-def test_inside_collecting_an_eval_pass_gathers_and_replaces_the_training_steps_sums():
+def test_inside_collecting_an_eval_pass_gives_the_mean_keys_and_the_last_training_batch_the_air():
     model = tiny_model()
     controller = RollingQ(model)
     train_forward(model, batch(0, n=5))
+    trained = dict(model.fusion.rotation.sums)
     model.eval()
     with controller.collecting(), torch.no_grad():              # the authors' pass after the epoch
-        for seed in (1, 2):
-            model(batch(seed, n=7))
+        keys = sum(model(batch(seed, n=7), stats=True).key_means.sum(0) for seed in (1, 2))
     sums = model.fusion.rotation.sums
-    assert int(sums["n"]) == 14 and int(sums["last_n"]) == 7    # the pass's 14 samples, not the step's 5
+    assert int(sums["n"]) == 14 and torch.allclose(sums["keys"], keys)   # the pass's 14 samples, not the step's 5
+    assert all(torch.equal(sums[k], trained[k]) for k in ("last_n", "last_query", "last_cos"))   # AIR: the step's
     with torch.no_grad():
         model(batch(3))                                         # after it, evaluation gathers nothing again
     assert int(model.fusion.rotation.sums["n"]) == 14 and controller.step()["rolled"]

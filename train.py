@@ -91,8 +91,8 @@ def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on
 
 def stats_pass(model, xs, controller, batch_size, autocast):
     """--roll-stats pass, the authors' statistics: after the epoch, a no-grad eval-mode pass over
-    the training set in order gives K̄ (all of it) and q̄ and AIR (its last batch; the authors take
-    AIR from the last training batch: the same roll when beta = sigma = 0). Under torchrun every
+    the training set gives K̄; AIR and q̄ stay the last training batch's, as the authors take them
+    (collecting()). The order of the pass changes nothing but rounding. Under torchrun every
     rank passes over the whole set: the means are the same."""
     model.eval()
     with controller.collecting(), torch.no_grad():

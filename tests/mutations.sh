@@ -3,6 +3,7 @@
 # bash tests/mutations.sh (a few minutes). Each change is made to a copy in a fresh temporary
 # folder; the repository's files are never edited.
 cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 status=0
 run() {
   name="$1"; old="$2"; new="$3"
@@ -51,4 +52,30 @@ run "only the CLS row rotated" "if q.dim() != 4 or tuple(q.shape[1:]) != (nh, 1,
 run "no key bias" "nn.Linear(d_model, d_model, bias=False)" "nn.Linear(d_model, d_model)"
 run "authors init" "        nn.init.xavier_normal_(module.weight)" "        pass"
 run "separate projections, variance 1/C" "nn.init.xavier_normal_(module.weight)" "nn.init.xavier_normal_(module.weight, gain=math.sqrt(0.5))"
+run "an R changed outside a roll is checked" "        check_unchanged(self)" "        pass"
+run "nothing written to R: the fast path only then" "if trusted is not None and trusted[0] == id(R) and trusted[1] == R._version:" "if trusted is not None:"
+run "a changed R's values are compared" "if not torch.equal(R, trusted[2].to(R)):" "if False:"
+run "an R never set after to_empty is refused" "    if trusted is None:" "    if False:"
+run "reset_parameters sets R = I" "self.R.copy_(torch.eye(self.R.shape[-1]).expand_as(self.R))" "pass"
+run "reset_parameters sets no roll" "            self.rolls.zero_()" "            pass"
+run "paused leaves a forward out" "        self.rotation.gathering = False" "        pass"
+run "a reflection is refused" "if not bool((torch.linalg.det(R64) > 0).all()):" "if False:"
+run "a negative roll count is refused" "if int(rotation.rolls) < 0:" "if False:"
+run "max_rolls is whole" "(isinstance(max_rolls, int) and not isinstance(max_rolls, bool) and max_rolls >= 0)" "(max_rolls >= 0)"
+run "a non-tensor is a TypeError" "if not isinstance(x, torch.Tensor):" "if False:"
+run "one modality is out of scope" "    if key_means.shape[2] < 2:" "    if False:"
+run "a failed all-reduce names RollingQ" "    except RuntimeError as e:" "    except ValueError as e:"
+run "a load checks R only when it loads R" 'if prefix + "R" in state_dict:' "if True:"
+run "the near-parallel branch only for parallel vectors" "if sin_theta <= 1e-12:" "if sin_theta <= 1e-3:"
+run "the sums move with the module" "self.sums = {k: v.to(self.R.device) for k, v in self.sums.items()}" "pass"
+run "R is a rotation to within 1e-4" "if not error <= 1e-4:" "if not error <= 1e-2:"
+run "the general anchor's lean factor" "w = torch.softmax(-2.0 * sigma * (M - 1) / M * leads" "w = torch.softmax(-2.0 * sigma * leads"
+run "AIR for M > 2 is the largest lead" "return modality_leads(cos).max(-1).values" "return modality_leads(cos).abs().max(-1).values"
+run "one roll by default" "max_rolls=1):" "max_rolls=None):"
+run "a step leans by the modalities in order" 'K_bar = sums["keys"] / sums["n"]' 'K_bar = sums["keys"].flip(-2) / sums["n"]'
+run "fusion dropout on the weights" "(self.attn_drop(a) @ v)" "(a @ self.attn_drop(v))"
+run "key_gap over every head" "sim = K @ K.transpose(-1, -2)" "sim = (K @ K.transpose(-1, -2))[:1]"
+run "key_gap over every pair" "pairs = torch.triu_indices(sim.shape[-1], sim.shape[-1], offset=1)" "pairs = torch.triu_indices(sim.shape[-1], sim.shape[-1], offset=1)[:, :1]"
+run "rolls compose in float64" "self.R[h] = (R_new.double() @ self.R[h].double()).to(self.R.dtype)" "self.R[h] = R_new.to(self.R.dtype) @ self.R[h]"
+run "the last forward's query and AIR, not the first's" 'return {**batch, "n":' 'return {**sums, "n":'
 exit $status

@@ -281,13 +281,27 @@ def readme_recipe(name):
 def test_readme_multihead_attention_recipe_equals_nn_multiheadattention_before_a_roll():
     torch.manual_seed(0)
     RollingMHA, RollingQ = (readme_recipe("RollingMHA")[k] for k in ("RollingMHA", "RollingQ"))
-    layer = RollingMHA(32, 4, spans=[(0, 6), (6, 10)], dropout=0.1).eval()
-    cls, tokens = torch.randn(8, 1, 32), torch.randn(8, 10, 32)
-    assert torch.allclose(layer(cls, tokens), layer.mha(cls, tokens, tokens, need_weights=False)[0], atol=1e-6)
+    layer = RollingMHA(32, 4, spans=[(1, 7), (7, 11)], dropout=0.1).eval()
+    x = torch.randn(8, 11, 32)                                  # the CLS token at 0, then the modalities
+    assert torch.allclose(layer(x), layer.mha(x[:, :1], x, x, need_weights=False)[0], atol=1e-6)
     controller = RollingQ(layer)
-    layer.train()(cls, tokens).square().mean().backward()
-    assert controller.step()["rolled"] and not torch.allclose(layer.eval()(cls, tokens), layer.mha(cls, tokens, tokens)[0])
+    layer.train()(x).square().mean().backward()
+    assert controller.step()["rolled"] and not torch.allclose(layer.eval()(x), layer.mha(x[:, :1], x, x)[0])
     assert layer.mha.in_proj_bias.grad[32:64].abs().max() < 1e-8   # the key bias: a gradient of rounding only
+
+
+def test_readme_recipes_count_spans_from_the_cls_token_at_0():
+    recipes = readme_recipe("RollingMHA")["RollingMHA"], readme_recipe("RollingAttention")["RollingAttention"]
+    for recipe in recipes:
+        with pytest.raises(AssertionError, match="the CLS token at 0"):
+            recipe(32, 4, spans=[(0, 6), (6, 10)])
+    mha, block = (recipe(32, 4, spans=[(1, 7), (7, 11)]) for recipe in recipes)
+    with torch.no_grad():                                       # the same projections in both
+        block.qkv.weight.copy_(mha.mha.in_proj_weight)
+        block.qkv.bias.copy_(mha.mha.in_proj_bias)
+        block.proj.load_state_dict(mha.mha.out_proj.state_dict())
+        x = torch.randn(8, 11, 32)
+        assert torch.allclose(mha.eval()(x)[:, 0], block.eval()(x)[:, 0], atol=1e-5)   # the same CLS row
 
 
 def test_readme_timm_style_recipe_rolls_the_cls_row_only_and_handles_the_key_bias():
@@ -303,7 +317,13 @@ def test_readme_timm_style_recipe_rolls_the_cls_row_only_and_handles_the_key_bia
         assert controller.step()["rolled"]
         after = block(x)
         assert torch.allclose(after[:, 1:], before[:, 1:], atol=1e-6) and not torch.allclose(after[:, 0], before[:, 0])
+        pretrained = {k: v.clone() for k, v in block.state_dict().items()}
+        pretrained["qkv.bias"][32:64] = torch.randn(32)          # weights with a key bias, as a ViT's
+        block.load_state_dict(pretrained)
+        loaded = block(x)
+        block.zero_key_bias()                                   # as README says, after the load
+        assert bool((block.qkv.bias[32:64] == 0).all()) is not qk_norm
         with torch.no_grad():
-            block.qkv.bias[32:64] = 0                           # zeroing the key bias: no change without a k-norm
-        assert torch.allclose(block(x), after, atol=1e-5) is not qk_norm
+            block.qkv.bias[32:64] = 0                           # zeroed by hand: the k-norm's case too
+        assert torch.allclose(block(x), loaded, atol=1e-5) is not qk_norm   # the softmax ignores it without a k-norm
         block.train()
