@@ -3,6 +3,7 @@
     study        the reproduction study: concat, vanilla attention and RollingQ, over seeds and regimes
     token_share  what makes the fusion attention leave the token share: one change at a time
     anatomy      one RollingQ run traced step by step around each roll
+    premise      the premise gates on vanilla, concat and unimodal runs, over candidate sets (docs/premise.md)
     bench        training samples/s with and without RollingQ, side by side
     avdigits     builds datasets/avdigits.npz from the raw sources (FSDD, MNIST)
 
@@ -13,8 +14,12 @@ what they make (JSON, markdown, figures) under --out.
 """
 
 import argparse
+import hashlib
 import os
+import subprocess
 from pathlib import Path
+
+import torch
 
 import train
 from rollingq import check_settings
@@ -51,3 +56,19 @@ def save_figure(make, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def environment(data_path=None):
+    """What a run's numbers depend on beyond its arguments: the commit (with "+changes" when tracked
+    files differ from it), the data file's sha256, the torch version and the thread count. Numbers
+    are deterministic per machine and thread count, not across them."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                 capture_output=True, text=True).stdout.strip()
+    except OSError:                                                   # no git: the numbers still run
+        commit, changed = "", ""
+    digest = hashlib.sha256(Path(data_path).read_bytes()).hexdigest() if data_path else None
+    return {"commit": (commit or "unknown") + ("+changes" if changed else ""), "data_sha256": digest,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
