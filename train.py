@@ -302,7 +302,8 @@ def describe(args, data, model, device, world, trained_on=None):
                   else "AIR: the favoured modality's lead (named)"]
     if not args.eval_only:
         parts.append(f"{args.optimizer} lr {args.lr:g} {args.schedule}, {args.epochs} epochs, batch {args.batch_size}")
-    return " | ".join(parts + [f"{device}" + (f" x {world} processes" if world > 1 else ""),
+    threads = f" ({torch.get_num_threads()} threads: results depend on it)" if device.type == "cpu" else ""
+    return " | ".join(parts + [f"{device}{threads}" + (f" x {world} processes" if world > 1 else ""),
                                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"])
 
 

@@ -30,7 +30,7 @@ import torch
 
 import data as datasets
 import train
-from experiments import parse, save_figure
+from experiments import environment, parse, save_figure
 from experiments.measures import NOISE_LEVELS, GradientShares, study_measures
 from rollingq import Unimodal
 
@@ -116,7 +116,8 @@ def study_run(args, overrides, data, device, cache, flags, start=None):
     run_args = argparse.Namespace(**{**{k: v for k, v in vars(args).items() if k in flags},
                                      "load": None, "eval_only": False, "unimodal": None, "pretrain_epochs": 0,
                                      **overrides})
-    key = {k: v for k, v in vars(run_args).items() if k not in ("device", "out", "save")}
+    env = environment(data_file(args.data))
+    key = {**{k: v for k, v in vars(run_args).items() if k not in ("device", "out", "save")}, "environment": env}
     path = cache / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json") \
         if cache else None
     if path and path.exists():
@@ -130,9 +131,16 @@ def study_run(args, overrides, data, device, cache, flags, start=None):
     if run_args.unimodal:
         j = data.names.index(run_args.unimodal)
         metrics["correct"] = correct_per_sample(model, [data.test_x[j].to(device)], data.test_y.to(device))
+    metrics["environment"] = env
     if path:
         train.write_json(path, metrics, quiet=True)
     return metrics, False
+
+
+def data_file(name):
+    """The file a --data value reads (None for the synthetic set, which is drawn, not read)."""
+    return {"avdigits": datasets.AVDIGITS, "avdigits-noisy": datasets.AVDIGITS_NOISY}.get(name, None) \
+        if name in datasets.NAMED else name
 
 
 @torch.no_grad()

@@ -1,0 +1,106 @@
+"""The premise gates of docs/premise.md, read by experiments/premise.py, on runs made up to pass
+or fail each one; and what a run records of its environment."""
+
+import copy
+import hashlib
+
+import pytest
+import torch
+
+from experiments import environment
+from experiments.premise import gates, passed
+
+N = 30                                                          # test samples; SNR 0..29, thirds of 10
+
+
+def run(acc, shares=None, noise=None, epochs=None, correct=None):
+    """The parts of a metrics.json the gates read."""
+    m = {"final": {"acc": {"clean": acc}}}
+    if shares is not None:
+        m["final"]["attention"] = {"clean": shares, "noise:audio": noise}
+        m["epochs"] = [{"attention": s} for s in epochs]
+    if correct is not None:
+        m["correct"] = correct
+    return m
+
+
+def passing(seeds=3):
+    """Runs that pass every gate: audio right on the top two SNR thirds only, attention stuck on audio."""
+    stuck = {"audio": 0.7, "visual": 0.3}
+    return {"audio alone": [run(0.80, correct="0" * 10 + "1" * 20) for _ in range(seeds)],
+            "visual alone": [run(0.70) for _ in range(seeds)],
+            "concat": [run(0.90 + 0.002 * s) for s in range(seeds)],
+            "vanilla": [run(0.85, stuck, {"audio": 0.69, "visual": 0.31}, [stuck] * 10) for _ in range(seeds)]}
+
+
+SNR = torch.arange(N, dtype=torch.float32)
+
+
+def test_runs_made_to_pass_pass_every_gate():
+    g = gates(passing(), SNR)
+    assert passed(g) == list("abcde") and g["b"]["favoured"] == "audio"
+    assert g["a"]["audio_acc_high_minus_low_third"] == pytest.approx(1.0)
+
+
+def broken(change):
+    runs = passing()
+    change(runs)
+    return passed(gates(runs, SNR))
+
+
+def test_each_gate_fails_for_its_own_reason_and_only_that_one():
+    def quality_blind(r):                                       # (a): audio right regardless of the SNR
+        for x in r["audio alone"]:
+            x["correct"] = "01" * 15
+
+    def not_stuck(r):                                           # (b): the share follows audio's replacement by noise
+        for x in r["vanilla"]:
+            x["final"]["attention"]["noise:audio"] = {"audio": 0.6, "visual": 0.4}
+
+    def weak_share(r):                                          # (b): 0.58 < 0.60
+        for x in r["vanilla"]:
+            x["final"]["attention"]["clean"] = {"audio": 0.58, "visual": 0.42}
+            x["final"]["attention"]["noise:audio"] = {"audio": 0.58, "visual": 0.42}
+
+    def reverses(r):                                            # (c): visual led at epoch 3 on one seed
+        r["vanilla"][1]["epochs"][2] = {"attention": {"audio": 0.45, "visual": 0.55}}
+
+    def early_reversal_is_allowed(r):                           # epochs 1 and 2 do not count
+        r["vanilla"][1]["epochs"][1] = {"attention": {"audio": 0.45, "visual": 0.55}}
+
+    def attention_level(r):                                     # (d): concat - vanilla straddles 0
+        for s, x in enumerate(r["vanilla"]):
+            x["final"]["acc"]["clean"] = 0.90 + 0.004 * (s - 1) ** 2 - 0.002
+
+    def no_headroom(r):                                         # (e): audio alone 0.95 > 0.90
+        for x in r["audio alone"]:
+            x["final"]["acc"]["clean"] = 0.95
+
+    def concat_close(r):                                        # (e): concat only 0.02 above the better modality
+        for x in r["audio alone"]:
+            x["final"]["acc"]["clean"] = 0.885
+    assert broken(quality_blind) == list("bcde")
+    assert broken(not_stuck) == list("acde")
+    assert broken(weak_share) == list("acde")
+    assert broken(reverses) == list("abde")
+    assert broken(early_reversal_is_allowed) == list("abcde")
+    assert broken(attention_level) == list("abce")
+    assert broken(no_headroom) == list("abcd")
+    assert broken(concat_close) == list("abcd")
+
+
+def test_seeds_that_favour_different_modalities_have_no_favoured_one():
+    runs = passing()
+    runs["vanilla"][2] = copy.deepcopy(runs["vanilla"][2])
+    runs["vanilla"][2]["final"]["attention"]["clean"] = {"audio": 0.3, "visual": 0.7}
+    g = gates(runs, SNR)
+    assert g["b"]["favoured"] is None and not g["b"]["holds"] and not g["c"]["holds"]
+
+
+def test_a_runs_environment_names_the_commit_the_datas_sha256_torch_and_the_thread_count(tmp_path):
+    path = tmp_path / "d.npz"
+    path.write_bytes(b"some data")
+    env = environment(path)
+    assert env["data_sha256"] == hashlib.sha256(b"some data").hexdigest()
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert len(env["commit"].split("+")[0]) in (40, 7) or env["commit"].startswith("unknown")
