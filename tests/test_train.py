@@ -194,12 +194,12 @@ def test_torchrun_ranks_roll_identically_and_exit_cleanly(tmp_path, tiny_npz):
     assert sum(line.startswith("epoch ") for line in r.stdout.splitlines()) == 3   # rank 0 alone prints
 
 
-def readme_blocks(language):
-    return re.findall(rf"```{language}\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S)
+def readme_blocks(language, doc="README.md"):
+    return re.findall(rf"```{language}\n(.*?)```", open(os.path.join(ROOT, doc)).read(), re.S)
 
 
 def test_readme_and_docs_have_no_placeholder_left_and_their_links_exist():
-    for doc in ("README.md", "docs/reproduction.md"):
+    for doc in ("README.md", "docs/reproduction.md", "docs/integration.md", "docs/premise.md"):
         text = open(os.path.join(ROOT, doc)).read()
         assert not re.findall(r"\b[A-Z]+_[A-Z_]{3,}\b", text), doc
         for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
@@ -271,8 +271,9 @@ def test_roll_stats_pass_takes_the_mean_keys_from_an_eval_pass_over_the_training
 
 
 def readme_recipe(name):
-    """The README python block that defines class `name`, run; returns its namespace."""
-    code = next(b for b in readme_blocks("python") if f"class {name}(" in b)
+    """The python block of README or docs/integration.md that defines class `name`, run; returns its namespace."""
+    code = next(b for b in readme_blocks("python") + readme_blocks("python", "docs/integration.md")
+                if f"class {name}(" in b)
     namespace = {}
     exec(compile(code, f"README.md:{name}", "exec"), namespace)
     return namespace
