@@ -10,11 +10,9 @@ RollingQ breaks the cycle: once per epoch it rotates the CLS query onto an ancho
 modalities' mean keys.
 
 Read top to bottom: 1. the method as the paper writes it (AIR, the anchor, the rotation R,
-QueryRotation that applies R inside an attention layer and gathers what a roll needs, RollingQ
-that rolls); 2. our extensions, labelled as ours (M > 2 modalities, several heads); 3. the checks
-and plumbing the method calls; 4. the model (an encoder per modality, FusionAttention).
-In your own model: a QueryRotation in your fusion layer (its docstring is the contract) and
-a RollingQ beside the training loop. Depends on torch only: copy this file.
+QueryRotation, RollingQ); 2. our extensions (M > 2 modalities, several heads); 3. the checks
+and plumbing; 4. the model. In your own model: a QueryRotation in your fusion layer (its
+docstring is the contract) and a RollingQ beside the loop. Depends on torch only: copy this file.
 
 Notation (per fusion head; each of nh heads has its own of everything):
   M, m        modalities; modality m has T_m tokens as it leaves its encoder
@@ -104,45 +102,35 @@ def rotation_matrix(src, dst):
 class QueryRotation(nn.Module):
     """RollingQ inside an attention layer: R (nh, hs, hs), the rotation of the CLS query, and the
     statistics a roll needs, gathered where R q is made, so no one can hand in the wrong query.
-
-    The contract, for your own attention layer:
-      1. it holds a QueryRotation(n_heads, head_size);
-      2. it attends with q_cls = rotation(q_cls, key_means): q_cls (B, nh, 1, hs) the CLS row's
-         query (a layer that computes every token's query rotates q[:, :, :1] and concatenates
-         the rest back), key_means (B, nh, M, hs) each modality's mean key k̄_m(x) over its own
-         tokens (not the CLS token's key). With nh = M the shapes cannot tell heads from
-         modalities: stack the modalities on dim 2.
-    Gathering: once a RollingQ rolls this rotation, each training step (training mode, gradients
-    on) adds its R q and mean keys to running sums the rotation owns; evaluation (eval mode,
-    no_grad, inference_mode) only rotates. The last forward gathered decides AIR (the authors'
-    last batch); a forward inside RollingQ.paused() is left out. The sums are plain tensors, not
-    buffers (DDP would overwrite them with rank 0's), dropped by a load; nn.DataParallel's
-    replicas lose them: use DDP. R and the roll count are buffers, in state_dict() and never
-    trained (the authors keep the count outside it: a reloaded model of theirs skips its roll);
-    R stays float32 (or float64) under model.half(). An R changed outside roll() is checked at
-    the next eager forward and refused if no rotation (an EMA that averaged buffers), as is an R
-    never set after to_empty() (reset_parameters() or a load sets it)."""
+    The contract: your layer holds a QueryRotation(n_heads, head_size) and attends with
+    q_cls = rotation(q_cls, key_means): q_cls (B, nh, 1, hs) the CLS row's query (rotate
+    q[:, :, :1] of every token's query, concatenate the rest back), key_means (B, nh, M, hs) each
+    modality's mean key k̄_m(x) over its own tokens (with nh = M no shape check tells a swap).
+    Once a RollingQ rolls it, each training step (training mode, gradients on; not inside
+    RollingQ.paused()) adds its R q and mean keys to running sums, plain tensors dropped by a load;
+    evaluation only rotates. R and the roll count are buffers, never trained (the authors keep the
+    count outside state_dict(): a reloaded model of theirs skips its roll); R stays float32 under
+    model.half(). An R changed outside roll() (an EMA that averaged it) or never set after
+    to_empty() is refused at the next eager forward; README has the rest of the contract."""
 
     def __init__(self, n_heads, head_size):
         super().__init__()
         self.register_buffer("R", torch.eye(head_size).repeat(n_heads, 1, 1))   # (nh, hs, hs)
         self.register_buffer("rolls", torch.zeros((), dtype=torch.long))
-        self.gathering = False                   # set by the RollingQ that rolls this rotation
-        self.gathering_in_eval = False           # inside RollingQ.collecting(): the authors' pass
+        self.gathering, self.gathering_in_eval = False, False   # set by RollingQ, its collecting()
         self.sums = None                         # batch_sums added up since the last step
         trust(self)                              # R as the method last set it: forward compares
 
+    @torch.no_grad()
     def reset_parameters(self):
         """R = I and no roll, as built (after to_empty(), say)."""
-        with torch.no_grad():
-            self.R.copy_(torch.eye(self.R.shape[-1]).expand_as(self.R))
-            self.rolls.zero_()
+        self.R.copy_(torch.eye(self.R.shape[-1]).expand_as(self.R))
+        self.rolls.zero_()
         self.sums = None
         trust(self)
 
     def forward(self, q, key_means):                                     # (B, nh, 1, hs), (B, nh, M, hs) -> R q
-        check_cls_query(q, key_means, self.R)
-        check_unchanged(self)
+        check_forward(self, q, key_means)
         # (R q)ᵀ = qᵀ Rᵀ, in float32 even under autocast
         with torch.autocast(q.device.type, enabled=False):
             rq = q.float() @ self.R.float().transpose(-1, -2)            # (B, nh, 1, hs)
@@ -163,9 +151,7 @@ class QueryRotation(nn.Module):
         if prefix + "R" in state_dict:                                   # a loaded R: checked, the sums stale
             loaded(self)
 
-    def _apply(self, fn, *args, **kwargs):
-        # model.half() would round R to 8 bits of mantissa: keep R float32 or better; the sums
-        # move with it
+    def _apply(self, fn, *args, **kwargs):           # model.half() would round R: kept float32; the sums move
         R = self.R
         super()._apply(fn, *args, **kwargs)
         if self.R.dtype not in (torch.float32, torch.float64):
@@ -177,9 +163,8 @@ class QueryRotation(nn.Module):
 
 def batch_sums(query, key_means):
     """What one batch adds to a roll's statistics: query (B, nh, hs) R q, key_means (B, nh, M, hs).
-    Sums over the batch, float32, detached: its samples, the sum of k̄_m(x) (nh, M, hs) for the
-    epoch's mean keys, and, should it be the last batch, the sums of R q (nh, hs) and of
-    cos(R q, k̄_m(x)) (nh, M) for its mean query and AIR."""
+    Sums over the batch, float32, detached: its samples, of k̄_m(x) (nh, M, hs) for the epoch's
+    mean keys, and, should it be the last batch, of R q (nh, hs) and cos(R q, k̄_m(x)) (nh, M)."""
     q, k_bar = query.detach().float(), key_means.detach().float()        # (B, nh, hs), (B, nh, M, hs)
     n = torch.full((), q.shape[0], dtype=torch.float32, device=q.device)
     return {"n": n, "keys": k_bar.sum(0), "last_n": n, "last_query": q.sum(0),
@@ -197,11 +182,9 @@ class RollingQ:
     """Rolls the CLS query of a model's fusion attention (paper, Algorithm 1).
 
     RollingQ(model) finds the one QueryRotation in model (a layer, a model, a DDP or compile
-    wrapper) and from then on it gathers in training steps; step() at the end of each epoch
-    but the last. No extra pass over the data: the means come from the training steps
-    themselves (the authors take them from an extra pass after the epoch: collecting(); ours
-    lag the model by up to an epoch). Under torch.distributed the sums are all-reduced, so
-    every rank rolls alike. Defaults are the authors': beta 0, sigma 0, one roll."""
+    wrapper), which from then on gathers in training steps; step() after each epoch but the
+    last, on every rank (it all-reduces). No extra pass over the data (the authors': collecting()):
+    the means come from the training steps. Defaults are the authors': beta 0, sigma 0, one roll."""
 
     def __init__(self, model, beta=0.0, sigma=0.0, max_rolls=1):
         """beta: AIR threshold; sigma: the anchor's lean; max_rolls: r_time (None: no limit)."""
@@ -245,8 +228,7 @@ class RollingQ:
 
     @contextlib.contextmanager
     def paused(self):
-        """Training forwards inside are left out of the statistics (an auxiliary view, say):
-            with controller.paused(): aux = model(second_view)"""
+        """Training forwards inside are not gathered: with controller.paused(): model(aux_view)"""
         self.rotation.gathering = False
         try:
             yield
@@ -255,9 +237,8 @@ class RollingQ:
 
     @contextlib.contextmanager
     def collecting(self):
-        """The authors' statistics: the forward passes inside gather in any mode (eval, no_grad); their
-        mean keys replace the epoch's, and AIR and the query stay the last training batch's, as theirs
-        (the pass's last batch's if no training step gathered). E.g. after the epoch:
+        """The authors' statistics: forwards inside gather in any mode; their mean keys replace the
+        epoch's, AIR and the query stay the last training batch's (else the pass's last). After an epoch:
             with controller.collecting(), torch.no_grad(): for xs in train_batches: model.eval()(xs)"""
         trained, self.rotation.sums, self.rotation.gathering_in_eval = self.rotation.sums, None, True
         try:
@@ -294,9 +275,9 @@ def equiangular_anchor(k_hat, leads, sigma=0.0):
 
 
 def key_gap(key_means):
-    """The key distribution gap (the paper's notion; this number is ours): 1 - cos between two
-    modalities' mean keys, averaged over pairs and heads. key_means (nh, M, hs) -> float, 0 (same
-    direction) to 2 (opposite)."""
+    """1 - cos between two modalities' mean keys, averaged over pairs and heads: key_means (nh, M, hs)
+    -> float, 0 (same direction) to 2 (opposite). Ours, and only a proxy of the paper's key
+    distribution gap: blind to the keys' spread around their means (docs/premise.md)."""
     K = F.normalize(key_means, dim=-1)                                    # (nh, M, hs) unit mean keys
     sim = K @ K.transpose(-1, -2)                                         # (nh, M, M)
     pairs = torch.triu_indices(sim.shape[-1], sim.shape[-1], offset=1)
@@ -318,9 +299,8 @@ def query_rotation(model):
 
 
 def summed_over_ranks(sums, device):
-    """The sums of every torch.distributed rank added up (as they are without it); None if some
-    rank gathered nothing, on every rank alike, so that every rank refuses together (a rank
-    raising alone would hang the others in the next collective)."""
+    """The sums of every torch.distributed rank added up; None on every rank if some rank gathered
+    nothing, so that all refuse together (one raising alone would hang the others)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return sums
     empty = torch.tensor([float(sums is None)], device=device)
@@ -333,8 +313,7 @@ def summed_over_ranks(sums, device):
 
 
 def all_reduced(x):
-    """torch.distributed.all_reduce, its failure named: a rank that never calls step() leaves the
-    others waiting until the process group's timeout."""
+    """all_reduce, its failure named: a rank that never calls step() leaves the others waiting."""
     try:
         torch.distributed.all_reduce(x)
     except RuntimeError as e:
@@ -352,16 +331,15 @@ def loaded(rotation):
 
 
 def trust(rotation):
-    """Remember R as the method set it (built, rolled, loaded, reset): (id, version, values);
-    None on the meta device, where R holds no values yet."""
+    """Remember R as the method set it: (id, version, values); None on the meta device (no values)."""
     R = rotation.R
     rotation.trusted = None if R.is_meta else (id(R), R._version, R.detach().clone())
 
 
-def check_unchanged(rotation):
-    """R written outside roll() (in place: an EMA over buffers, DDP's broadcast; or replaced: a move,
-    a load) is compared with the trusted R and, if it differs, must be a rotation. One integer
-    compare when nothing wrote to it; compiled and exported graphs skip it (the eager model checks)."""
+def check_forward(rotation, q, key_means):
+    """The shapes, and R: written outside roll() (an EMA, DDP's broadcast, a move), it must equal the
+    trusted R or be a rotation. An integer compare if nothing wrote to it; compiled graphs skip it."""
+    check_cls_query(q, key_means, rotation.R)
     R, trusted = rotation.R, rotation.trusted
     if torch.compiler.is_compiling() or R.is_meta or R.is_inference():
         return
@@ -377,8 +355,7 @@ def check_unchanged(rotation):
 
 def check_orthogonal(R, where):
     R64 = R.double()
-    error = float((R64 @ R64.transpose(-1, -2) - torch.eye(R.shape[-1], dtype=torch.float64, device=R.device))
-                  .abs().max())
+    error = float((R64 @ R64.transpose(-1, -2) - torch.eye(R.shape[-1], dtype=R64.dtype, device=R.device)).abs().max())
     if not error <= 1e-4:
         raise ValueError(f"{where}: QueryRotation.R is not a rotation (|R Rᵀ - I| = {error:.2g} > 1e-4); an average "
                          f"of rotations is none: an EMA must copy R and the roll count, not average them")
