@@ -1,9 +1,12 @@
 """Specification of experiments/: the study, the anatomy of a roll and the benchmark."""
 
+import functools
+import math
 import re
 import statistics
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, cli, refused
@@ -57,10 +60,46 @@ def test_paired_differences_give_a_t_interval_and_the_minimum_detectable_effect(
     se = 2.5 ** 0.5 / 5 ** 0.5
     assert d["mean"] == 3.0 and d["ci"] == pytest.approx([3 - 2.776 * se, 3 + 2.776 * se])
     assert d["mde"] == pytest.approx((2.776 + 0.941) * se) and d["same_sign"] == 5
-    scipy = pytest.importorskip("scipy.stats")
-    for n in (2, 5, 10, 31):
-        assert study.T975[n - 2] == pytest.approx(scipy.t.ppf(0.975, n - 1), abs=1e-3)
-        assert study.T80[n - 2] == pytest.approx(scipy.t.ppf(0.80, n - 1), abs=1e-3)
+
+
+def student_t_cdf(t, df):
+    """P(T <= t) for Student's t with df degrees of freedom, t >= 0: 1/2 plus Simpson's rule over its density."""
+    x = np.linspace(0, t, 4001)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = np.exp(log_c - (df + 1) / 2 * np.log1p(x ** 2 / df))
+    return 0.5 + (x[1] - x[0]) / 3 * (density[0] + 4 * density[1:-1:2].sum() + 2 * density[2:-1:2].sum() + density[-1])
+
+
+def normal_cdf(t):
+    return 0.5 * (1 + math.erf(t / 2 ** 0.5))
+
+
+def rounds_quantile(q, p, cdf):
+    """Whether q is the p-quantile of the distribution with this cdf, rounded to three decimals."""
+    return cdf(q - 5e-4) < p < cdf(q + 5e-4)
+
+
+def test_the_t_tables_hold_students_quantiles_rounded_to_three_decimals():
+    assert study.T975[10 - 2] == 2.262 and study.T975[5 - 2] == 2.776 and study.T975[0] == 12.706   # n: df n - 1
+    assert study.T80[10 - 2] == 0.883 and study.T80[5 - 2] == 0.941 and study.T80[0] == 1.376
+    for df in range(1, 31):
+        cdf = functools.partial(student_t_cdf, df=df)
+        assert rounds_quantile(study.T975[df - 1], 0.975, cdf) and rounds_quantile(study.T80[df - 1], 0.80, cdf)
+
+
+@pytest.mark.parametrize("n", [2, 5, 10, 31, 32, 100])
+def test_paired_uses_the_t_quantiles_of_n_minus_1_degrees_of_freedom_and_the_normals_beyond_30(n):
+    cdf = functools.partial(student_t_cdf, df=n - 1) if n <= 31 else normal_cdf
+    d = study.paired([float(i % 3) for i in range(n)], [0.0] * n)
+    se = d["sd"] / n ** 0.5
+    t975 = (d["ci"][1] - d["mean"]) / se                        # the quantiles paired used, read off its outputs
+    t80 = d["mde"] / se - t975
+    assert rounds_quantile(t975, 0.975, cdf) and rounds_quantile(t80, 0.80, cdf)
+
+
+def test_paired_counts_the_seeds_sharing_the_means_sign_and_a_zero_difference_shares_none():
+    assert study.paired([1.0, 0.0, 2.0, -1.0], [0.0] * 4)["same_sign"] == 2    # mean +0.5: 1 and 2
+    assert study.paired([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])["same_sign"] == 0   # mean 0: no seed shares it
 
 
 def test_a_set_in_the_box_is_drawn_from_each_seed():
@@ -199,8 +238,17 @@ def test_calibrate_reports_each_modality_alone_concat_and_the_samples_only_one_g
     result = calibrate.calibrate(tiny_npz, seed=0)
     assert {"audio", "visual", "concat"} <= set(result) and all(0 <= result[k] <= 1 for k in ("audio", "visual", "concat"))
     assert len(result["audio by epoch 1, 3"]) == 2
-    shares = result["audio only"] + result["visual only"] + result["neither"]
-    assert 0 < shares <= 1                                      # disjoint shares of the test samples
+    both = result["audio"] - result["audio only"]               # right by audio: by audio only, or by both
+    assert result["visual"] - result["visual only"] == pytest.approx(both, abs=1e-9) and 0 < both < 1
+    assert result["audio only"] + result["visual only"] + both + result["neither"] == pytest.approx(1, abs=1e-9)
+
+
+def probe_data(n, shift, labels=None, seed=0):
+    """n samples of 6 features, class k's mean shifted by `shift` along feature k; labels uniform over 3 classes
+    unless given."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g) if labels is None else labels
+    return torch.randn(n, 6, generator=g, dtype=torch.float64) + shift * torch.eye(6, dtype=torch.float64)[y], y
 
 
 def test_the_converged_probe_converges_and_separates_separable_features():
@@ -209,6 +257,56 @@ def test_the_converged_probe_converges_and_separates_separable_features():
     f = torch.randn(300, 8, generator=g, dtype=torch.float64) + 4 * torch.eye(8, dtype=torch.float64)[y]
     probe = measures.fit_probe(f[:200], y[:200], f[200:], y[200:], 3)
     assert probe["grad_norm"] < 1e-4 and probe["acc"] > 0.95
+
+
+def test_the_converged_probe_is_fitted_on_the_training_set_alone_so_each_test_sample_is_judged_by_itself():
+    f, y = probe_data(200, 2.0)
+    a, y_a, b, y_b = f[100:150], y[100:150], f[150:] * 100, y[150:]   # b: far outliers
+
+    def right(f_test, y_test):                                  # test samples the probe gets right
+        return round(measures.fit_probe(f[:100], y[:100], f_test, y_test, 3)["acc"] * len(y_test))
+    assert right(torch.cat([a, b]), torch.cat([y_a, y_b])) == right(a, y_a) + right(b, y_b)
+
+
+def test_the_converged_probe_is_unchanged_when_a_feature_is_rescaled_or_shifted():
+    f, y = probe_data(200, 2.0)
+    scale = torch.tensor([1e-3, 1e3, 1.0, 10.0, 1e-2, 100.0], dtype=torch.float64)
+    plain = measures.fit_probe(f[:100], y[:100], f[100:], y[100:], 3)
+    moved = measures.fit_probe(f[:100] * scale + 50, y[:100], f[100:] * scale + 50, y[100:], 3)
+    assert moved["acc"] == plain["acc"] and moved["grad_norm"] < 1e-4
+
+
+def test_the_converged_probes_penalty_leaves_the_bias_free_so_a_silenced_probe_predicts_the_majority_class():
+    labels = torch.tensor([0] * 14 + [1] * 4 + [2] * 2)[torch.randperm(20, generator=torch.Generator().manual_seed(1))]
+    f, y = probe_data(200, 3.0, labels=labels.repeat(10))      # class 0: 70 % of each split, and well separated
+    probe = measures.fit_probe(f[:100], y[:100], f[100:], y[100:], 3, l2=1e3)   # a penalty silencing the features
+    assert probe["acc"] == float((y[100:] == 0).double().mean()) == 0.7
+
+
+def test_the_snr_r_correlates_the_snr_with_audios_attention_share(tiny_npz):
+    d = datasets.load_npz(tiny_npz)
+    torch.manual_seed(0)
+    model = train.MultimodalTransformer(train.build_config(train.parse_args(TINY), d))   # shares vary per sample
+    _, shares = train.evaluate(model, d.test_x, d.test_y, d.names, per_sample=True)    # (N, M)
+    audio = shares[:, d.names.index("audio")]
+    for sign in (1, -1):                                        # the SNR rising, then falling, with audio's share
+        d.side["snr"] = {"test": sign * 20 * (audio - audio.mean())}
+        r = measures.snr_measures(model, d.test_x, d.test_y, d)["attention_snr_r"]
+        assert r == pytest.approx(sign, abs=1e-6)
+
+
+def test_gradient_shares_are_each_encoders_gradient_norm_over_the_sum_averaged_over_an_epochs_steps():
+    model = torch.nn.Module()
+    model.encoders = torch.nn.ModuleList([torch.nn.Linear(2, 1), torch.nn.Linear(1, 1, bias=False)])   # audio, visual
+    audio, visual = model.encoders
+    shares = measures.GradientShares()
+    for epoch, (audio_w, audio_b, visual_w) in ((1, ([[3.0, 0.0]], [4.0], [[15.0]])),    # norms 5 and 15: 1/4, 3/4
+                                                (1, ([[0.0, 1.0]], [0.0], [[1.0]])),     # 1 and 1: 1/2, 1/2
+                                                (2, ([[6.0, 8.0]], None, [[30.0]]))):    # no bias gradient: 10, 30
+        audio.weight.grad, visual.weight.grad = torch.tensor(audio_w), torch.tensor(visual_w)
+        audio.bias.grad = None if audio_b is None else torch.tensor(audio_b)
+        shares(model, epoch, 0, None)
+    assert shares.per_epoch(["audio", "visual"]) == {"audio": [0.375, 0.25], "visual": [0.625, 0.75]}
 
 
 def test_snr_measures_read_the_lowest_third_and_gradient_shares_sum_to_one(tiny_npz):

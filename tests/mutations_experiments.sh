@@ -1,0 +1,49 @@
+#!/bin/bash
+# One-line changes of experiments/: the study's statistics and measures (each must make
+# test_experiments.py fail) and the noisy set's build (test_avdigits_noisy.py).
+# bash tests/mutations_experiments.sh (about a minute a change of the first kind, seconds one of the
+# second). Each change is made to a copy of the repository in a fresh temporary folder; the
+# repository's files are never edited.
+cd "$(dirname "$0")/.."
+status=0
+run() {
+  name="$1"; file="$2"; old="$3"; new="$4"; tests="${5:-tests/test_experiments.py}"
+  dir=$(mktemp -d)
+  tar -c --exclude=.git --exclude=__pycache__ --exclude=runs --exclude=.hypothesis --exclude=.pytest_cache . | tar -x -C "$dir"
+  if ! python - "$dir/$file" "$old" "$new" <<'PY'
+import sys
+path, old, new = sys.argv[1:]
+s = open(path).read()
+if s.count(old) != 1:
+    sys.exit(1)
+open(path, 'w').write(s.replace(old, new))
+PY
+  then echo "STALE (the line to change is not in $file once): $name"; status=1; rm -rf "$dir"; return; fi
+  if (cd "$dir" && timeout 600 python -m pytest -q -x -p no:cacheprovider "$tests" > log 2>&1); then
+    echo "NOT CAUGHT: $name"; status=1
+  else
+    echo "caught: $name ($(grep -m1 FAILED "$dir/log"))"
+  fi
+  rm -rf "$dir"
+}
+S=experiments/study.py; M=experiments/measures.py; C=experiments/calibrate.py
+run "t_0.975 for 10 seeds" $S "2.306, 2.262, 2.228" "2.306, 2.000, 2.228"
+run "t_0.80 for 10 seeds" $S "0.889, 0.883, 0.879" "0.889, 0.842, 0.879"
+run "the normal's quantile beyond the table" $S "(1.960, 0.842)" "(2.5, 0.842)"
+run "the table reaches 30 degrees of freedom" $S "if 2 <= n <= 31 else" "if 2 <= n <= 30 else"
+run "a zero difference shares no sign" $S "sum(x * mean > 0 for x in d)" "sum(x * mean >= 0 for x in d)"
+run "probe standardised with the training statistics" $M "mu, sd = f_train.mean(0), f_train.std(0) + 1e-8" "mu, sd = f_test.mean(0), f_test.std(0) + 1e-8"
+run "probe standardised" $M "torch.cat([(f - mu) / sd, f.new_ones(len(f), 1)], 1)" "torch.cat([f, f.new_ones(len(f), 1)], 1)"
+run "probe's bias not penalised" $M "l2 * W[:-1].square().sum()" "l2 * W.square().sum()"
+run "SNR r reads audio's share" $M 'shares[:, data.names.index("audio")]' 'shares[:, data.names.index("visual")]'
+run "each encoder's own gradient share" $M "for enc in model.encoders])" "for enc in reversed(model.encoders)])"
+run "each modality's own gradient share" $M "[s[j] for s in shares]" "[s[-1 - j] for s in shares]"
+run "only the first right, the second wrong" $C "float((right[first] & ~right[second]).double().mean())" "float((right[first] & right[second]).double().mean())"
+N=experiments/avdigits_noisy.py; T=tests/test_avdigits_noisy.py
+run "test mixes take noise from the test span" $N "first = np.where(is_test, cut, 0)" "first = np.where(is_test, 0, 0)" $T
+run "a noise segment fits in its span" $N "last = np.where(is_test, lengths[files], cut) - n" "last = np.where(is_test, lengths[files], cut)" $T
+run "the SNR is a power ratio" $N "10 ** (snr / 10)" "10 ** (snr / 20)" $T
+run "the SNR against the recording's power" $N "np.sqrt(np.mean(signal ** 2)" "np.sqrt(np.mean(clip ** 2)" $T
+run "the PCA is centred" $N "    mean = x.mean(0)" "    mean = 0 * x.mean(0)" $T
+run "the low-pass keeps the gain" $N "h / h.sum()" "h" $T
+exit $status
