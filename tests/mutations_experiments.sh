@@ -46,4 +46,14 @@ run "the SNR is a power ratio" $N "10 ** (snr / 10)" "10 ** (snr / 20)" $T
 run "the SNR against the recording's power" $N "np.sqrt(np.mean(signal ** 2)" "np.sqrt(np.mean(clip ** 2)" $T
 run "the PCA is centred" $N "    mean = x.mean(0)" "    mean = 0 * x.mean(0)" $T
 run "the low-pass keeps the gain" $N "h / h.sum()" "h" $T
+P=experiments/premise.py; T=tests/test_premise.py
+run "gate (a): the high-SNR third minus the low" $P "float(right[thirds[1]].mean() - right[thirds[0]].mean())" "float(right[thirds[1]].mean())" $T
+run "gate (a): 0.10" $P '"holds": statistics.mean(gaps) >= 0.10' '"holds": statistics.mean(gaps) >= 0.0' $T
+run "gate (b): 0.60" $P "statistics.mean(clean) >= 0.60 and" "statistics.mean(clean) >= 0.55 and" $T
+run "gate (b): the share lost as noise" $P "statistics.mean(drop) <= 0.02" "statistics.mean(drop) <= 0.2" $T
+run "gate (b): the same modality on every seed" $P "fav = favoured.pop() if len(favoured) == 1 else None" "fav = favoured.pop()" $T
+run "gate (c): from epoch 3" $P 'for e in r["epochs"][2:]) if fav else 0.0' 'for e in r["epochs"][0:]) if fav else 0.0' $T
+run "gate (d): the interval's lower end" $P '"holds": d["ci"][0] > 0}' '"holds": d["mean"] > 0}' $T
+run "gate (e): at most 0.90 alone" $P "0.55 <= mean[k] <= 0.90" "0.55 <= mean[k] <= 1.0" $T
+run "gate (e): concat 3 points above" $P "mean[\"concat\"] >= better + 0.03" "mean[\"concat\"] >= better" $T
 exit $status
