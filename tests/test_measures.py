@@ -9,7 +9,7 @@ import torch.nn as nn
 import data as datasets
 import train
 from conftest import TINY
-from experiments import measures
+from experiments import measures, study
 from experiments.control import uniform_attention_model
 from rollingq import Config, MultimodalTransformer
 
@@ -136,3 +136,17 @@ def test_the_epoch_measures_run_at_each_epochs_last_step_on_train_and_test_and_c
     _, without = train.run(args, d, torch.device("cpu"), log=lambda line: None)
     assert [e["test_acc"] for e in without["epochs"]] == [e["test_acc"] for e in metrics["epochs"]]
     assert without["final"]["acc"] == metrics["final"]["acc"]
+
+
+def test_the_study_runs_the_control_in_its_regimes_and_records_the_new_measures(tiny_npz):
+    assert study.CONTROL in study.rows_of("default") and study.CONTROL not in study.rows_of("paper")
+    d = datasets.load_npz(tiny_npz)
+    args = study.parse_args(["--data", tiny_npz, *TINY, "--epochs", "1"])
+    flags = set(vars(train.parse_args([])))
+    metrics, _ = study.study_run(args, {**study.ROWS[study.CONTROL], "seed": 0}, d, torch.device("cpu"), None, flags)
+    tokens = [e - s for s, e in MultimodalTransformer(train.build_config(args, d)).fusion.spans]
+    final = metrics["final"]                                          # every token weighted 1/T: the token share
+    assert final["attention"]["clean"] == pytest.approx({m: t / sum(tokens) for m, t in zip(d.names, tokens)})
+    assert metrics["config"]["uniform_attention"] is True
+    assert set(metrics["epochs"][0]["gap"]) == {"train", "test"} and set(final["gap_last5"]) == {"train", "test"}
+    assert set(final["update_share"]) == set(final["gradient_share"]) == set(d.names)
