@@ -184,10 +184,11 @@ def final_evaluation(model, xs, y, names):
 # One run
 
 
-def run(args, data, device, log=print, on_step=None, warm_start=None, measures=None):
+def run(args, data, device, log=print, on_step=None, warm_start=None, measures=None, build=MultimodalTransformer):
     """Build (or load), train unless --eval-only, and evaluate one model; returns (model, metrics).
     The study's hooks: warm_start(model, xs, y, test_xs, test_y) before training, its record kept
-    as metrics["pretrain"]; measures(model, test_xs, test_y, data, final), more for metrics["final"]."""
+    as metrics["pretrain"]; measures(model, test_xs, test_y, data, final), more for metrics["final"];
+    build(cfg), the multimodal model (default MultimodalTransformer; the study's control differs)."""
     device, rank, world = setup_distributed(device)
     torch.manual_seed(args.seed)
     if args.unimodal:                                                 # the multimodal model's encoder, alone
@@ -196,7 +197,7 @@ def run(args, data, device, log=print, on_step=None, warm_start=None, measures=N
         model, trained_on = Unimodal(cfg, args.unimodal), None
     else:
         model, trained_on = load_checkpoint(args.load, data, args.data, args.seed) if args.load else \
-            (MultimodalTransformer(build_config(args, data)), None)
+            (build(build_config(args, data)), None)
     if args.rollingq and not hasattr(model, "fusion"):
         raise UsageError(f"--rollingq: the model in {args.load} uses concat fusion, not attention")
     controller = checked(RollingQ, model, args.beta, args.sigma, args.max_rolls) if args.rollingq else None

@@ -7,7 +7,8 @@
     bench        training samples/s with and without RollingQ, side by side
     avdigits     builds datasets/avdigits.npz from the raw sources (FSDD, MNIST)
 
-measures holds the paper's measures of dynamic fusion, which the study adds to every run.
+measures holds the paper's measures of dynamic fusion and the study's own, which the study adds
+to every run; control the study's control, attention fusion with fixed uniform weights.
 
 They import train (and through it rollingq and data), never the other way round, and write
 what they make (JSON, markdown, figures) under --out.

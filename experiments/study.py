@@ -7,15 +7,18 @@
 
 For each training regime, over --seeds seeds: static concat, vanilla attention and RollingQ
 (1 roll, 3 rolls, every epoch; the authors' RollingQ, with their roll statistics, and the
-paper's sigma > 0; rows_of says which in which regime), plus the unimodal runs that measure the
-data's premise. A set in the box is drawn from each seed (synthetic: a new draw; avdigits and
+paper's sigma > 0; in the study's regimes the control with uniform attention weights,
+experiments/control.py; rows_of says which in which regime), plus the unimodal runs that measure
+the data's premise. A set in the box is drawn from each seed (synthetic: a new draw; avdigits and
 avdigits-noisy: a new pairing of images with recordings); a --data file is the same for every
 seed. Every row of a seed shares its data, initialisation and batch order with that seed's
 vanilla row, so effects are read as paired differences from vanilla, with their 95 % intervals
 and minimum detectable effects. Prints the premise and, per regime, tables of accuracies (clean,
-and the favoured modality corrupted at measures.NOISE_LEVELS), the measures of dynamic fusion
-(measures.study_measures), the paired differences and per-seed values; with --out writes study.md, study.json, study.png (with
-matplotlib) and one file per run in runs/, so an interrupted study resumes where it stopped.
+and the favoured modality corrupted at measures.NOISE_LEVELS; clean accuracy is the primary
+outcome), the measures of dynamic fusion (measures.study_measures) and the key distribution gap
+(measures.EpochMeasures, the mean of the last 5 epochs), all exploratory, the paired differences
+and per-seed values; with --out writes study.md, study.json, study.png (with matplotlib) and one
+file per run in runs/, so an interrupted study resumes where it stopped.
 """
 
 import argparse
@@ -31,8 +34,10 @@ import torch
 import data as datasets
 import train
 from experiments import environment, parse, save_figure
-from experiments.measures import NOISE_LEVELS, GradientShares, study_measures
-from rollingq import Unimodal
+from experiments.control import uniform_attention_model
+from experiments.measures import (NOISE_LEVELS, EpochMeasures, GradientShares, UpdateShares, all_of, last_epochs_mean,
+                                  study_measures)
+from rollingq import MultimodalTransformer, Unimodal
 
 # Each regime and row is a set of argument overrides.
 # The paper regime, the closest stand-in for the paper's setting we can build: each encoder first
@@ -64,7 +69,12 @@ ROWS = {"concat": {"fusion": "concat", "rollingq": False, "roll_stats": "train"}
         "attention (vanilla)": {**ATTENTION, "rollingq": False},
         "RollingQ, 1 roll": {**ATTENTION, "rollingq": True, "max_rolls": 1},
         "RollingQ, 3 rolls": {**ATTENTION, "rollingq": True, "max_rolls": 3},
-        "RollingQ, every epoch": {**ATTENTION, "rollingq": True, "max_rolls": None}}
+        "RollingQ, every epoch": {**ATTENTION, "rollingq": True, "max_rolls": None},
+        # the control that separates attention from fusion: the same head, every token weighted 1/T
+        "attention, uniform weights (control)": {**ATTENTION, "rollingq": False, "uniform_attention": True}}
+CONTROL = "attention, uniform weights (control)"
+# the regimes the study on the premise set runs (docs/premise.md, section 3): its --regimes default
+STUDY_REGIMES = ("default", "sgd")
 PASS_ROWS = {"RollingQ, 1 roll, pass stats": {**ROWS["RollingQ, 1 roll"], "roll_stats": "pass"},
              "RollingQ, 3 rolls, pass stats": {**ROWS["RollingQ, 3 rolls"], "roll_stats": "pass"}}
 # RollingQ as the authors ship it (their post-epoch statistics, sigma 0, one roll) and as the paper
@@ -77,13 +87,20 @@ AUTHORS_ROWS = {"RollingQ, 1 roll, pass stats": PASS_ROWS["RollingQ, 1 roll, pas
 def rows_of(regime):
     """The rows a regime runs: the paper regime measures the authors' roll statistics at 1 and 3
     rolls; the others the authors' RollingQ and the paper's sigma > 0 (the SGD regimes leave out
-    our 1-roll row, which differs from theirs only by where its statistics come from)."""
+    our 1-roll row, which differs from theirs only by where its statistics come from). The
+    uniform-attention control runs in the study's regimes (STUDY_REGIMES), not in those whose
+    rows were declared before it (docs/reproduction.md)."""
     if regime == "paper":
-        return {**ROWS, **PASS_ROWS}
-    rows = {**ROWS, **AUTHORS_ROWS}
-    if regime in ("authors", "sgd"):
-        del rows["RollingQ, 1 roll"]
-    return {row: rows[row] for row in ("concat", "attention (vanilla)", *[r for r in rows if r.startswith("RollingQ")])}
+        rows = {**ROWS, **PASS_ROWS}
+    else:
+        rows = {**ROWS, **AUTHORS_ROWS}
+        if regime in ("authors", "sgd"):
+            del rows["RollingQ, 1 roll"]
+        rows = {row: rows[row] for row in ("concat", "attention (vanilla)",
+                                           *[r for r in rows if r.startswith("RollingQ")], CONTROL)}
+    if regime not in STUDY_REGIMES:
+        del rows[CONTROL]
+    return rows
 
 
 # The warm start (pretrain_epochs > 0): each encoder alone first, with a recipe of its own that
@@ -112,7 +129,10 @@ def study_run(args, overrides, data, device, cache, flags, start=None):
     """One run of the study (`flags`: the names of train.py's own flags); with --out its metrics
     are kept in DIR/runs/<hash of its arguments>.json, so an interrupted study resumes where it
     stopped and identical runs are made once. start(run_args, device): the warm_start hook for
-    train.run (default: warm_start, if the run asks for pretraining epochs)."""
+    train.run (default: warm_start, if the run asks for pretraining epochs). Besides the final
+    measures, each epoch's key distribution gap (metrics["epochs"][i]["gap"], attention fusion)
+    and its last-5-epoch mean (metrics["final"]["gap_last5"]); the encoders' gradient-norm and
+    update-norm shares per epoch; overrides {"uniform_attention": True}: the control's model."""
     run_args = argparse.Namespace(**{**{k: v for k, v in vars(args).items() if k in flags},
                                      "load": None, "eval_only": False, "unimodal": None, "pretrain_epochs": 0,
                                      **overrides})
@@ -123,11 +143,20 @@ def study_run(args, overrides, data, device, cache, flags, start=None):
     if path and path.exists():
         return json.loads(path.read_text()), True
     hook = start(run_args, device) if start else warm_start(run_args, device) if run_args.pretrain_epochs else None
-    shares = None if run_args.unimodal else GradientShares()
+    shares, updates = (None, None) if run_args.unimodal else (GradientShares(), UpdateShares())
+    gap = EpochMeasures(data, device, run_args.batch_size) if not run_args.unimodal and run_args.fusion == "attention" \
+        else None
+    hooks = [h for h in (shares, updates, gap) if h is not None]
+    build = uniform_attention_model if getattr(run_args, "uniform_attention", False) else MultimodalTransformer
     model, metrics = train.run(run_args, data, device, log=lambda line: None, measures=study_measures,
-                               warm_start=hook, on_step=shares)
+                               warm_start=hook, on_step=all_of(*hooks) if hooks else None, build=build)
     if shares is not None:
         metrics["final"]["gradient_share"] = shares.per_epoch(data.names)
+        metrics["final"]["update_share"] = updates.per_epoch(data.names)
+    if gap is not None:
+        for record, measured in zip(metrics["epochs"], gap.epochs):
+            record["gap"] = {split: measured[split] for split in ("train", "test")}
+        metrics["final"]["gap_last5"] = last_epochs_mean(gap.epochs)
     if run_args.unimodal:
         j = data.names.index(run_args.unimodal)
         metrics["correct"] = correct_per_sample(model, [data.test_x[j].to(device)], data.test_y.to(device))
@@ -272,8 +301,11 @@ def study_tables(rows, names, favoured):
     def converged(f, m, kind):
         return f["converged_probe"][m][kind]["acc"] if "converged_probe" in f else None
 
-    def grad_share(f, m=favoured):
-        return statistics.mean(f["gradient_share"][m]) if "gradient_share" in f else None
+    def share(f, kind, m=favoured):                                   # an encoder's share, its mean over epochs
+        return statistics.mean(f[kind][m]) if kind in f else None
+
+    def gap(f, split, key, m=None):                                   # the mean of the last 5 epochs
+        return None if "gap_last5" not in f else f["gap_last5"][split][key][m] if m else f["gap_last5"][split][key]
 
     accuracy = ([("acc clean", lambda f: f["acc"]["clean"])]
                 + [("acc low-SNR third", lambda f: f.get("acc_low_snr"))]
@@ -282,7 +314,9 @@ def study_tables(rows, names, favoured):
                 + [(f"probe {m}", lambda f, m=m: f["probe_acc"][m]) for m in names]
                 + [(f"converged probe {m} ({kind})", lambda f, m=m, kind=kind: converged(f, m, kind))
                    for m in names for kind in kinds])
-    dynamics = ([("r audio attn vs SNR", lambda f: f.get("attention_snr_r"))]
+    dynamics = ([("r audio attn vs SNR", lambda f: f.get("attention_snr_r")),
+                 ("audio attn per 10 dB", lambda f: f.get("attention_snr_slope")),
+                 ("audio attn std", lambda f: f.get("attention_spread"))]
                 + [(f"r {m}", lambda f, m=m: attn(f, "attention_quality_r", m)) for m in names]
                 + [(f"attn {favoured}: informative", lambda f: by_noise(f, "informative")),
                    (f"attn {favoured}: drawn as noise", lambda f: by_noise(f, "noise")),
@@ -291,10 +325,17 @@ def study_tables(rows, names, favoured):
                     if "attention" in f else None),
                    ("\\|AIR\\|", lambda f: abs(f["air"]) if "air" in f else None),
                    ("key gap", lambda f: f.get("key_gap"))]
-                + [(f"grad share {favoured}", grad_share)])
+                + [(f"grad share {favoured}", lambda f: share(f, "gradient_share")),
+                   (f"update share {favoured}", lambda f: share(f, "update_share"))])
+    # the key distribution gap, each measure the mean of the last 5 epochs (exploratory)
+    gaps = [(f"{name} ({split})", lambda f, split=split, key=key, m=m: gap(f, split, key, m))
+            for split in ("test", "train")
+            for name, key, m in [("Fréchet", "frechet", None), ("Fréchet p", "frechet_p", None),
+                                 ("Fisher", "fisher", None), ("Fisher p", "fisher_p", None)]
+            + [(f"cos(Rq, k) {m}", "cos", m) for m in names] + [("cos overlap", "cos_overlap", None)]]
     # a column no vanilla run has (no per-sample SNR in the data, say) is left out
-    accuracy, dynamics = ([(name, get) for name, get in columns if any(get(f) is not None for f in vanilla)]
-                          for columns in (accuracy, dynamics))
+    accuracy, dynamics, gaps = ([(name, get) for name, get in columns if any(get(f) is not None for f in vanilla)]
+                                for columns in (accuracy, dynamics, gaps))
 
     def table(columns, cell, skip=()):                               # cell(values, vanilla's values of the same seeds)
         lines = ["| fusion | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---|" * len(columns)]
@@ -314,13 +355,15 @@ def study_tables(rows, names, favoured):
 
     per_seed = [("acc clean", lambda f: f["acc"]["clean"]), (f"{favoured} at 1", lambda f: f["acc"][f"noise:{favoured}"])]
     numbers = {row: {name: paired([get(m["final"]) for m in runs], [get(f) for f in vanilla])
-                     for name, get in accuracy + dynamics}
+                     for name, get in accuracy + dynamics + gaps}
                for row, runs in rows.items() if not row.startswith("unimodal") and row != "attention (vanilla)"}
     return {"favoured": favoured, "accuracy": table(accuracy, lambda v, b: mean_std(v)),
             "accuracy_paired": table(accuracy, as_text, skip=("attention (vanilla)",)),
             "dynamics": table(dynamics, lambda v, b: mean_std(v)),
             "dynamics_paired": table(dynamics, as_text, skip=("attention (vanilla)", "concat")),
-            "mde": table(accuracy + dynamics, mde, skip=("attention (vanilla)",)),
+            "gap": table(gaps, lambda v, b: mean_std(v)),
+            "gap_paired": table(gaps, as_text, skip=("attention (vanilla)", "concat")),
+            "mde": table(accuracy + dynamics + gaps, mde, skip=("attention (vanilla)",)),
             "per_seed": table(per_seed, lambda v, b: " ".join(f"{x:.3f}" for x in v)), "paired": numbers}
 
 
@@ -372,11 +415,17 @@ def study_markdown(args, report):
                 "each sample's modality corrupted at level 1 − u.", ""]
         note = identical_rows(epochs)
         out += ([note, ""] if note else []) + [
-            "Accuracy (mean ± std over seeds):", "", tables["accuracy"], "",
+            "Accuracy (mean ± std over seeds; clean accuracy is the primary outcome, every other figure "
+            "is exploratory):", "", tables["accuracy"], "",
             "Accuracy, paired: each seed's run minus that seed's vanilla run, mean [95 % confidence interval, "
             "t-based] and the seeds sharing the mean's sign:", "", tables["accuracy_paired"], "",
-            "Dynamic fusion (mean ± std over seeds):", "", tables["dynamics"], "",
-            "Dynamic fusion, paired with vanilla:", "", tables["dynamics_paired"], "",
+            "Dynamic fusion (exploratory; mean ± std over seeds):", "", tables["dynamics"], "",
+            "Dynamic fusion, paired with vanilla (exploratory):", "", tables["dynamics_paired"], "",
+            "Key distribution gap (exploratory), each the mean of the last 5 epochs: the Fréchet distance and the "
+            "Fisher ratio between the modalities' fusion keys (512 tokens each), p the share of 200 label shuffles "
+            "at least as large; cos(R q, k) per modality and the overlap of its histograms (mean ± std over seeds):",
+            "", tables["gap"], "",
+            "Key distribution gap, paired with vanilla (exploratory):", "", tables["gap_paired"], "",
             "Minimum detectable effect of each paired difference (two-sided paired t-test at 0.05, 80 % power, "
             "from its sd over these seeds):", "", tables["mde"], "",
             "Per seed (0, 1, ...):", "", tables["per_seed"]]
@@ -441,7 +490,7 @@ def parse_args(argv=None):
                                "code or the data)", prog="python -m experiments.study")
     g = p.add_argument_group("study")
     g.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 for every row (a set in the box: each draws its own)")
-    g.add_argument("--regimes", type=regimes_arg, default="default,sgd", metavar="A,B",
+    g.add_argument("--regimes", type=regimes_arg, default=",".join(STUDY_REGIMES), metavar="A,B",
                    help=f"comma-separated, from: {', '.join(REGIMES)}")
     args = parse(p, argv, fixed=("rollingq", "fusion", "max_rolls", "seed", "unimodal", "load", "eval_only", "save",
                                  "roll_stats"))
