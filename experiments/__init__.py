@@ -59,14 +59,18 @@ def save_figure(make, path):
     print(f"wrote {path}")
 
 
+CODE = ("rollingq.py", "train.py", "data.py", "experiments")          # what a run executes
+
+
 def environment(data_path=None):
-    """What a run's numbers depend on beyond its arguments: the commit (with "+changes" when tracked
-    files differ from it), the data file's sha256, the torch version and the thread count. Numbers
-    are deterministic per machine and thread count, not across them."""
+    """What a run's numbers depend on beyond its arguments: the last commit of the code it runs
+    (CODE; "+changes" when that code differs from it), the data file's sha256, the torch version
+    and the thread count. Numbers are deterministic per machine and thread count, not across them."""
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", *CODE], cwd=root, capture_output=True,
+                                text=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE], cwd=root,
                                  capture_output=True, text=True).stdout.strip()
     except OSError:                                                   # no git: the numbers still run
         commit, changed = "", ""
