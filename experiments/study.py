@@ -115,8 +115,10 @@ def study_run(args, overrides, data, device, cache, flags, start=None):
     train.run (default: warm_start, if the run asks for pretraining epochs)."""
     run_args = argparse.Namespace(**{**{k: v for k, v in vars(args).items() if k in flags},
                                      "load": None, "eval_only": False, "unimodal": None, "pretrain_epochs": 0,
-                                     **overrides})
-    key = {k: v for k, v in vars(run_args).items() if k not in ("device", "out", "save")}
+                                     "checkpoint": None, "resume": None, **overrides})
+    # the cache key: the flags that make the run (those added since at their defaults left out: old keys hold)
+    key = {k: v for k, v in vars(run_args).items() if k not in ("device", "out", "save", "checkpoint", "resume")
+           and not (k == "val_fraction" and v == 0)}
     path = cache / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json") \
         if cache else None
     if path and path.exists():

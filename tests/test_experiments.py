@@ -224,3 +224,12 @@ def test_snr_measures_read_the_lowest_third_and_gradient_shares_sum_to_one(tiny_
     assert -1 <= final["attention_snr_r"] <= 1 and set(final["converged_probe"]) == {"audio", "visual"}
     per_epoch = shares.per_epoch(d.names)
     assert len(per_epoch["audio"]) == 2 and all(abs(a + v - 1) < 1e-5 for a, v in zip(per_epoch["audio"], per_epoch["visual"]))
+
+
+def test_the_study_runs_on_a_data_folder_three_seeds_paired(tiny_npz, tmp_path):
+    folder = datasets.save_folder(datasets.load_npz(tiny_npz), tmp_path / "folder")
+    args = study.parse_args(["--data", str(folder), "--seeds", "3", *TINY, "--epochs", "1", "--regimes", "default"])
+    results, report = study.study(args, torch.device("cpu"))
+    paired = report["tables"]["default"]["paired"]["concat"]["acc clean"]
+    assert len(paired["differences"]) == 3 and len(results["default"]["concat"]) == 3
+    assert all(r["config"]["data"] == str(folder) for r in results["default"]["attention (vanilla)"])
