@@ -70,7 +70,7 @@ def carve_validation(data, fraction, seed=0):
     val = np.sort(np.concatenate([g.permutation(np.flatnonzero(y == c))[:max(1, round(fraction * (y == c).sum()))]
                                   for c in np.unique(y)]))           # stratified: each class in proportion
     train = np.setdiff1d(np.arange(len(y)), val)                      # sorted
-    if len(np.unique(y[train])) < data.n_classes:
+    if len(np.unique(y[train])) < len(np.unique(y)):
         raise DataError(f"a validation fraction of {fraction} leaves a class with no training sample")
     val_i, train_i = torch.from_numpy(val), torch.from_numpy(train)
 

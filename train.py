@@ -212,7 +212,7 @@ def run(args, data, device, log=print, on_step=None, warm_start=None, measures=N
     resumed = load_resumable(args.resume, args, model) if args.resume else None   # its epoch lines go on from it
     if rank == 0:
         log(describe(args, data, model, device, world, trained_on))
-    metrics = {"config": run_config(args, model), "epochs": resumed["epochs"] if resumed else [], "final": None}
+    metrics = {"config": run_config(args, model), "epochs": [], "final": None, **(resumed["metrics"] if resumed else {})}
     # in-memory data: moved to the device once, batches are index slices there (a folder: read batch by batch)
     test_xs, test_y = [x.to(device) for x in data.test_x], data.test_y.to(device)
     val_xs, val_y = ([x.to(device) for x in data.val_x], data.val_y.to(device)) if data.val_y is not None else (None, None)
@@ -230,7 +230,7 @@ def run(args, data, device, log=print, on_step=None, warm_start=None, measures=N
     if args.eval_only:
         return finish({})
     xs, y = [x.to(device) for x in data.train_x], data.train_y.to(device)
-    if warm_start is not None:
+    if warm_start is not None and resumed is None:                    # a resumed run: its start is in its state
         metrics["pretrain"] = warm_start(model, xs, y, test_xs, test_y)
 
     def on_epoch(epoch, loss, record, seconds):                       # evaluate on the test set, print one line
@@ -248,8 +248,8 @@ def run(args, data, device, log=print, on_step=None, warm_start=None, measures=N
     def keep(state):                  # --checkpoint: all a resume takes (R and the rolls are in the state dict)
         if rank == 0:                 # written whole, then renamed: an interruption leaves the last one intact
             Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
-            torch.save({**state, "model": model.state_dict(), "epochs": metrics["epochs"],
-                        "config": run_config(args, model)}, f"{args.checkpoint}.part")
+            torch.save({**state, "model": model.state_dict(), "config": run_config(args, model), "metrics":
+                        {k: metrics[k] for k in ("epochs", "pretrain") if k in metrics}}, f"{args.checkpoint}.part")
             os.replace(f"{args.checkpoint}.part", args.checkpoint)
 
     train_seconds = train(model, xs, y, args, args.epochs, device, controller, on_epoch, on_step, log, resumed,
@@ -407,7 +407,7 @@ def load_resumable(path, args, model):
     """A --checkpoint file, for a run of the same flags but --resume, --checkpoint, --device: loads
     the model (RollingQ's sums are empty between epochs), returns the rest for train()."""
     state = read_saved(path, "--resume")
-    if not (isinstance(state, dict) and {"epoch", "model", "config", "epochs", "rng"} <= state.keys()):
+    if not (isinstance(state, dict) and {"epoch", "model", "config", "metrics", "rng"} <= state.keys()):
         raise UsageError(f"--resume {path}: not a checkpoint written by train.py --checkpoint")
     now, then = run_config(args, model), state["config"]
     differ = sorted(k for k in {*now, *then} - {"resume", "checkpoint", "device"} if now.get(k) != then.get(k))

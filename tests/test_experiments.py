@@ -1,12 +1,15 @@
 """Specification of experiments/: the study, the anatomy of a roll and the benchmark."""
 
+import json
+import os
 import re
 import statistics
+import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import TINY, cli, refused
+from conftest import ROOT, TINY, cli, refused
 
 import data as datasets
 import experiments
@@ -233,3 +236,15 @@ def test_the_study_runs_on_a_data_folder_three_seeds_paired(tiny_npz, tmp_path):
     paired = report["tables"]["default"]["paired"]["concat"]["acc clean"]
     assert len(paired["differences"]) == 3 and len(results["default"]["concat"]) == 3
     assert all(r["config"]["data"] == str(folder) for r in results["default"]["attention (vanilla)"])
+
+
+def test_the_paper_experiments_cpu_commands_run_as_written(tmp_path):
+    text = open(os.path.join(ROOT, "docs", "paper-experiment.md")).read()
+    block = re.findall(r"```bash\n(.*?)```", text, re.S)[-1]
+    r = subprocess.run(["bash", "-ec", block.replace("python ", f"{sys.executable} ")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "runs" / "ks-tiny-run" / "metrics.json").read_text())
+    assert m["config"]["preset"] == "paper" and m["config"]["optimizer"] == "sgd" and "best_val_epoch" in m["final"]
+    assert m["config"]["model"]["modalities"] == {"audio": [512, 256], "visual": [588, 768]}   # the authors' tokens
+    assert torch.load(tmp_path / "runs" / "ks-tiny-run" / "ckpt.pt", weights_only=True)["epoch"] == 2

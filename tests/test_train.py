@@ -199,7 +199,7 @@ def readme_blocks(language):
 
 
 def test_readme_and_docs_have_no_placeholder_left_and_their_links_exist():
-    for doc in ("README.md", "docs/reproduction.md"):
+    for doc in ("README.md", "docs/reproduction.md", "docs/paper-experiment.md"):
         text = open(os.path.join(ROOT, doc)).read()
         assert not re.findall(r"\b[A-Z]+_[A-Z_]{3,}\b", text), doc
         for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
