@@ -379,6 +379,8 @@ class Stored:
     corruption (corrupted()). Rows are read with positioned reads, not through a memory map,
     whose touched pages would count toward the process's resident memory until the end."""
 
+    rows_at_once = 64                 # the most rows an evaluation reads at once (train.evaluate, the measures)
+
     def __init__(self, path, spec, rows=None, device="cpu", noise=None):
         header = np.load(path, mmap_mode="r")                         # the header only: no row is read
         self.path, self.spec, self.device, self.noise = str(path), spec, torch.device(device), noise
@@ -419,12 +421,12 @@ class Stored:
             x = mu + (1 - level) ** 0.5 * (x - mu) + level ** 0.5 * sd * z
         return x
 
-    def noise_moments(self, batch_size=256):
+    def noise_moments(self):
         """mu, sd (L, D): each position's mean and std over this view, as corrupted() takes them."""
         if self.moments is None:
             clean, s1, s2 = self.view(device=self.device), 0, 0
-            for i in range(0, len(self), batch_size):
-                x = clean[i:i + batch_size].double()
+            for i in range(0, len(self), self.rows_at_once):
+                x = clean[i:i + self.rows_at_once].double()
                 s1, s2 = s1 + x.sum(0), s2 + x.square().sum(0)
             mu = s1 / len(self)
             self.moments = mu.float(), (s2 / len(self) - mu.square()).clamp(min=0).sqrt().float()

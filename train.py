@@ -143,6 +143,7 @@ def evaluate(model, xs, y, names, batch_size=512, per_sample=False):
     return each sample's attention share per modality, (N, M) (None for concat)."""
     model.eval()
     attention = hasattr(model, "fusion")
+    batch_size = min(batch_size, getattr(xs[0], "rows_at_once", batch_size))   # a data folder's modality: its reads
     correct, probe_correct, shares, cos, keys = 0, 0, [], 0, 0
     for i in range(0, len(y), batch_size):
         out = model([x[i:i + batch_size] for x in xs], stats=attention)
@@ -546,8 +547,7 @@ def check_args(a, parser):
         raise UsageError(f"--batch-size {a.batch_size} is smaller than the number of processes it is split across")
     if a.save and Path(a.save).is_dir():
         raise UsageError(f"--save {a.save}: is a directory; give a file path such as {a.save}/model.pt")
-    for flag, folder in (("--out", a.out), ("--save", a.save and Path(a.save).parent),
-                         ("--checkpoint", a.checkpoint and Path(a.checkpoint).parent)):
+    for flag, folder in (("--out", a.out), ("--save", a.save and Path(a.save).parent)):
         existing = Path(folder or ".").absolute()                     # checked now, created when written
         while not existing.exists():
             existing = existing.parent

@@ -141,6 +141,7 @@ def study_run(args, overrides, data, device, cache, flags, start=None):
 def correct_per_sample(model, xs, y, batch_size=512):
     """'0'/'1' per test sample: whether the model gets it right."""
     model.eval()
+    batch_size = min(batch_size, getattr(xs[0], "rows_at_once", batch_size))   # a data folder's modality: its reads
     right = torch.cat([model([x[i:i + batch_size] for x in xs]).logits.argmax(-1) == y[i:i + batch_size]
                        for i in range(0, len(y), batch_size)])
     return "".join("1" if r else "0" for r in right.tolist())

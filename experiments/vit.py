@@ -24,7 +24,6 @@ about 1e-5 in the output. Google's original .npz is not read: load it into timm 
 """
 
 import re
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -40,19 +39,12 @@ class InitError(train.UsageError):
 
 
 def read(path):
-    """The state dict in a file torch.save wrote."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InitError(f"--init {path}: no such file") from None
-    except Exception as e:                                            # not a file torch.save wrote
-        raise InitError(f"--init {path}: not a state dict torch.save wrote ({type(e).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):   # a checkpoint holding one
+    """The state dict in a file torch.save wrote (or a checkpoint holding one as "model")."""
+    state = train.read_saved(path, "--init")
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
-    if not (isinstance(state, dict) and all(torch.is_tensor(v) for v in state.values())):
-        raise InitError(f"--init {path}: not a state dict (names -> tensors)")
+    if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
+        raise InitError(f"--init {path}: not a state dict torch.save wrote (names -> tensors)")
     return state
 
 

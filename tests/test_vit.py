@@ -9,6 +9,7 @@ import torch
 from conftest import ROOT, cli, refused
 
 import data as datasets
+import train
 from experiments import vit
 from rollingq import Config, MultimodalTransformer
 
@@ -71,8 +72,10 @@ def test_a_file_that_is_no_plain_vit_or_does_not_fit_is_one_clear_error(tmp_path
     with pytest.raises(vit.InitError, match="modality 'audio' comes as tokens"):
         vit.load_vit(MultimodalTransformer(Config(tokens.modalities, 8, d_model=8, n_layers=1, n_heads=2)),
                      tmp_path / "deeper.pt", tokens)
-    with pytest.raises(vit.InitError, match="no such file"):
+    with pytest.raises(train.UsageError, match="absent.pt: no such file"):          # as train.py's --load says it
         vit.load_vit(model, tmp_path / "absent.pt", d)
+    with pytest.raises(vit.InitError, match="not a state dict torch.save wrote"):
+        vit.load_vit(model, ORACLE.replace("vit_oracle.pt", "test_vit.py"), d)
 
 
 def test_the_papers_command_starts_its_encoders_from_the_weights_with_the_authors_recipe(tmp_path, oracle, tiny_npz):
