@@ -61,17 +61,24 @@ class Data:
                     None if self.val_y is None else [self.val_x[j]], self.val_y)
 
 
-def carve_validation(data, fraction, seed=0):
-    """A validation split carved from `data`'s training split: `fraction` of each class (rounded,
-    at least one sample), drawn from `seed`; the rest stays training, in its order."""
-    if data.val_y is not None:
-        raise DataError("the data brings its own validation split (val_y); carve none from training")
-    g, y = np.random.default_rng(seed), data.train_y.numpy()
+def validation_split(y, fraction, seed=0):
+    """(train, val): sorted row numbers of labels y (N,) with `fraction` of each class (rounded, at
+    least one sample) drawn from `seed` for validation, the rest for training."""
+    g = np.random.default_rng(seed)
     val = np.sort(np.concatenate([g.permutation(np.flatnonzero(y == c))[:max(1, round(fraction * (y == c).sum()))]
                                   for c in np.unique(y)]))           # stratified: each class in proportion
     train = np.setdiff1d(np.arange(len(y)), val)                      # sorted
     if len(np.unique(y[train])) < len(np.unique(y)):
         raise DataError(f"a validation fraction of {fraction} leaves a class with no training sample")
+    return train, val
+
+
+def carve_validation(data, fraction, seed=0):
+    """A validation split carved from `data`'s training split (validation_split); the rest stays
+    training, in its order."""
+    if data.val_y is not None:
+        raise DataError("the data brings its own validation split (val_y); carve none from training")
+    train, val = validation_split(data.train_y.numpy(), fraction, seed)
     val_i, train_i = torch.from_numpy(val), torch.from_numpy(train)
 
     def take(x, i):                                                   # a data folder's modality: a view, nothing read
@@ -494,7 +501,10 @@ def load_folder(path):
     for file in sorted(path.glob("train/side_*.npy")):
         name = file.stem[len("side_"):]
         for split in splits:
-            v = np.load(path / split / file.name)
+            try:
+                v = np.load(path / split / file.name)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path}/{split}/{file.name}: cannot read the side information {name!r}: {e}") from None
             if v.ndim != 1 or v.dtype.kind not in "fiu" or len(v) != len(ys[split]):
                 raise DataError(f"{path}/{split}/{file.name}: expected 1-D numbers, one per sample")
             sides.setdefault(name, {})[split] = torch.from_numpy(v.astype(np.float32))

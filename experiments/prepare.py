@@ -36,7 +36,6 @@ only when a frame is no PPM. Extracting the frames: ffmpeg -i CLIP -vf fps=1 DIR
 
 import argparse
 import csv
-import math
 import sys
 import wave
 from pathlib import Path
@@ -166,7 +165,8 @@ def clip_frames(folder, n=FRAMES, size=SIZE):
 def read_split(path, classes=None):
     """A split file: one 'clip,label' line a clip -> [(clip, label name)]."""
     try:
-        rows = [r for r in csv.reader(open(path, newline="")) if r]
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r]
     except OSError as e:
         raise PrepareError(f"{path}: cannot read the split file ({e.strerror})") from None
     if any(len(r) < 2 for r in rows):
@@ -191,11 +191,8 @@ def prepare(name, root, out, val_fraction=0.1, seed=0, log=print):
     clips = {split: read_split(root / f"{split}.csv", classes) for split in ("train", "test")}
     classes = classes or sorted({label for rows in clips.values() for _, label in rows})
     labels = {split: np.array([classes.index(label) for _, label in rows]) for split, rows in clips.items()}
-    if val_fraction:                                                  # the validation split: carved by labels alone
-        d = datasets.Data(["index"], [torch.arange(len(labels["train"]))[:, None, None]],
-                          torch.from_numpy(labels["train"]), [], torch.zeros(0), len(classes))
-        d = datasets.carve_validation(d, val_fraction, seed)
-        train, val = d.train_x[0].flatten().numpy(), d.val_x[0].flatten().numpy()
+    if val_fraction:                                                  # the validation split, as train.py carves one
+        train, val = datasets.validation_split(labels["train"], val_fraction, seed)
         clips["val"], labels["val"] = [clips["train"][i] for i in val], labels["train"][val]
         clips["train"], labels["train"] = [clips["train"][i] for i in train], labels["train"][train]
     for split, rows in clips.items():
@@ -234,7 +231,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         sizes = prepare(args.set, args.root, args.out, args.val_fraction, args.seed)
-    except (PrepareError, datasets.DataError) as e:
+    except (PrepareError, datasets.DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {args.out}: " + ", ".join(f"{n} {split}" for split, n in sizes.items()))

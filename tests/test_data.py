@@ -166,13 +166,14 @@ def test_a_stored_modality_corrupts_as_the_in_memory_one_with_each_samples_own_d
     assert torch.allclose(mixed[:], mu + (1 - level) ** 0.5 * (clean - mu) + level ** 0.5 * (x - mu), atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["no meta", "no test", "rows", "shape", "labels"])
+@pytest.mark.parametrize("case", ["no meta", "no test", "rows", "shape", "labels", "side"])
 def test_a_bad_data_folder_is_refused_in_one_line(tmp_path, case):
     folder = datasets.save_folder(datasets.load_npz(small_npz(tmp_path / "small.npz")), tmp_path / "folder")
     message = {"no meta": "is a directory without meta.json", "no test": "expected the folders train/ and test/",
                "rows": "test/visual.npy: expected numbers, one row per label (20); got 19 rows",
                "shape": "test/audio.npy: rows of shape (4, 6), but (4, 5) in train",
-               "labels": "train/y.npy holds one class only"}[case]
+               "labels": "train/y.npy holds one class only",
+               "side": "test/side_snr.npy: cannot read the side information 'snr'"}[case]
     if case == "no meta":
         (folder / "meta.json").unlink()
     elif case == "no test":
@@ -181,6 +182,8 @@ def test_a_bad_data_folder_is_refused_in_one_line(tmp_path, case):
         np.save(folder / "test" / "visual.npy", np.zeros((19, 6)))
     elif case == "shape":
         np.save(folder / "test" / "audio.npy", np.zeros((20, 4, 6)))
-    else:
+    elif case == "labels":
         np.save(folder / "train" / "y.npy", np.zeros(40, int))
+    else:                                                        # side information in train/ only
+        np.save(folder / "train" / "side_snr.npy", np.zeros(40))
     assert refused(cli("--data", str(folder)), message)
