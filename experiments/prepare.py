@@ -222,7 +222,7 @@ def _mkdir(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("set", choices=sorted(SETS), help="the data set and its layout (see the module docstring)")
     p.add_argument("root", help="the folder holding the set as published")
     p.add_argument("--out", required=True, help="the data folder to write")

@@ -51,7 +51,7 @@ def write(path, n_train, n_test, n_classes=8, seed=0, block=64):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.synthetic_folder", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="the folder to write")
     p.add_argument("--train", type=int, default=1024, help="training samples")
     p.add_argument("--test", type=int, default=256, help="test samples")
