@@ -246,15 +246,15 @@ def run(args, data, device, log=print, on_step=None, warm_start=None, measures=N
             rolls = int(model.fusion.rotation.rolls) if controller is not None else None
             log(epoch_line(epoch, args.epochs, loss, ev, rolls, record, seconds + time.perf_counter() - t0))
 
-    def keep(state):                  # --checkpoint: all a resume takes (R and the rolls are in the state dict)
+    def keep(state, path=args.checkpoint or args.resume):   # all a resume takes (R and the rolls: the state dict)
         if rank == 0:                 # written whole, then renamed: an interruption leaves the last one intact
-            Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             torch.save({**state, "model": model.state_dict(), "config": run_config(args, model), "metrics":
-                        {k: metrics[k] for k in ("epochs", "pretrain") if k in metrics}}, f"{args.checkpoint}.part")
-            os.replace(f"{args.checkpoint}.part", args.checkpoint)
+                        {k: metrics[k] for k in ("epochs", "pretrain") if k in metrics}}, f"{path}.part")
+            os.replace(f"{path}.part", path)
 
     train_seconds = train(model, xs, y, args, args.epochs, device, controller, on_epoch, on_step, log, resumed,
-                          keep if args.checkpoint else None)
+                          keep if args.checkpoint or args.resume else None)   # a resumed run writes on where it read
     return finish({"train_seconds": train_seconds})
 
 
@@ -531,7 +531,6 @@ def check_args(a, parser):
         raise UsageError(f"--seed must be in 0..2**63-1, got {a.seed}")
     if not 0 <= a.val_fraction < 1:
         raise UsageError(f"--val-fraction must be in [0, 1), got {a.val_fraction}")
-    a.checkpoint = a.checkpoint or a.resume                           # a resumed run writes on where it read
     if a.eval_only and not a.load:
         raise UsageError("--eval-only needs --load PATH (a model saved with --save)")
     if a.load and a.unimodal:

@@ -100,6 +100,7 @@ def test_a_warm_start_regime_takes_its_premise_from_the_same_regime_without_it()
 def test_experiments_refuse_the_flags_they_set_themselves_and_bad_roll_settings_at_once():
     r = cli("--rollingq", module="experiments.study")
     assert refused(r, "--rollingq: python -m experiments.study sets it itself")
+    assert refused(cli("--resume", "run.pt", module="experiments.study"), "--resume: python -m experiments.study sets it")
     r = cli("--regimes", "default,nosuch", module="experiments.study")
     assert refused(r, "unknown regime 'nosuch'")
     assert refused(cli("--beta", "-1", module="experiments.bench"), "finite beta >= 0")
