@@ -48,10 +48,10 @@ def train_step(model, xs, y, optimizer, autocast, stats=False):
     return out, loss.detach()
 
 
-def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on_step=None, log=print):
+def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on_step=None, log=print, resume=None, keep=None):
     """`epochs` passes over (xs, y) in shuffled batches, split across ranks under torchrun; RollingQ
-    (its rotation gathers in every training step) may roll after every epoch but the last.
-    Returns the training seconds."""
+    (its rotation gathers in every training step) may roll after every epoch but the last; keep(state)
+    after each epoch gets what `resume` takes to go on as if never stopped. Returns the training seconds."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
@@ -60,8 +60,12 @@ def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on
     schedule = make_schedule(optimizer, args, len(starts), epochs)
     autocast = bf16_autocast(device)
     g = torch.Generator().manual_seed(args.seed)                      # the same order on every rank
-    seconds = 0.0
-    for epoch in range(1, epochs + 1):
+    first, seconds = 1, 0.0
+    if resume is not None:                                            # where it stopped, every random state included
+        first, seconds, rng = resume["epoch"] + 1, resume["seconds"], resume["rng"]
+        optimizer.load_state_dict(resume["optimizer"]), schedule.load_state_dict(resume["schedule"])
+        g.set_state(rng["shuffle"]), torch.set_rng_state(rng["torch"]), torch.cuda.set_rng_state_all(rng["cuda"])
+    for epoch in range(first, epochs + 1):
         t0 = noted = time.perf_counter()
         order = torch.randperm(len(y), generator=g).to(device)
         total_loss = torch.zeros((), device=device)
@@ -86,6 +90,9 @@ def train(model, xs, y, args, epochs, device, controller=None, on_epoch=None, on
         seconds += time.perf_counter() - t0
         if on_epoch is not None:
             on_epoch(epoch, float(total_loss) / len(starts), record, time.perf_counter() - t0)
+        if keep is not None:                                          # the shuffle's, dropout's (torch's, CUDA's)
+            keep({"epoch": epoch, "seconds": seconds, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                  "rng": {"shuffle": g.get_state(), "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}})
     return seconds
 
 
@@ -136,6 +143,7 @@ def evaluate(model, xs, y, names, batch_size=512, per_sample=False):
     return each sample's attention share per modality, (N, M) (None for concat)."""
     model.eval()
     attention = hasattr(model, "fusion")
+    batch_size = min(batch_size, getattr(xs[0], "rows_at_once", batch_size))   # a data folder's modality: its reads
     correct, probe_correct, shares, cos, keys = 0, 0, [], 0, 0
     for i in range(0, len(y), batch_size):
         out = model([x[i:i + batch_size] for x in xs], stats=attention)
@@ -191,6 +199,7 @@ def run(args, data, device, log=print, on_step=None, warm_start=None, measures=N
     build(cfg), the multimodal model (default MultimodalTransformer; the study's control differs)."""
     device, rank, world = setup_distributed(device)
     torch.manual_seed(args.seed)
+    data = datasets.carve_validation(data, args.val_fraction, args.seed) if args.val_fraction else data
     if args.unimodal:                                                 # the multimodal model's encoder, alone
         cfg = build_config(args, data)
         data = data.select(args.unimodal)
@@ -202,15 +211,20 @@ def run(args, data, device, log=print, on_step=None, warm_start=None, measures=N
         raise UsageError(f"--rollingq: the model in {args.load} uses concat fusion, not attention")
     controller = checked(RollingQ, model, args.beta, args.sigma, args.max_rolls) if args.rollingq else None
     model.to(device)
+    resumed = load_resumable(args.resume, args, model) if args.resume else None   # its epoch lines go on from it
     if rank == 0:
         log(describe(args, data, model, device, world, trained_on))
-    metrics = {"config": run_config(args, model), "epochs": [], "final": None}
-    # in-memory data: moved to the device once, batches are index slices there
+    metrics = {"config": run_config(args, model), "epochs": [], "final": None, **(resumed["metrics"] if resumed else {})}
+    # in-memory data: moved to the device once, batches are index slices there (a folder: read batch by batch)
     test_xs, test_y = [x.to(device) for x in data.test_x], data.test_y.to(device)
+    val_xs, val_y = ([x.to(device) for x in data.val_x], data.val_y.to(device)) if data.val_y is not None else (None, None)
 
     def finish(extra):
         final = final_evaluation(model, test_xs, test_y, data.names)
         metrics["final"] = {**final, **(measures(model, test_xs, test_y, data, final) if measures else {}), **extra}
+        if val_y is not None and metrics["epochs"]:                   # the first epoch of the best validation accuracy
+            best = max(metrics["epochs"], key=lambda e: e["val_acc"])
+            metrics["final"]["best_val_epoch"] = {k: best[k] for k in ("epoch", "val_acc", "test_acc")}
         if world > 1:
             metrics["distributed"] = {"world_size": world, "ranks_agree": ranks_agree(model, metrics, world)}
         return model, metrics
@@ -218,20 +232,30 @@ def run(args, data, device, log=print, on_step=None, warm_start=None, measures=N
     if args.eval_only:
         return finish({})
     xs, y = [x.to(device) for x in data.train_x], data.train_y.to(device)
-    if warm_start is not None:
+    if warm_start is not None and resumed is None:                    # a resumed run: its start is in its state
         metrics["pretrain"] = warm_start(model, xs, y, test_xs, test_y)
 
     def on_epoch(epoch, loss, record, seconds):                       # evaluate on the test set, print one line
         t0 = time.perf_counter()
         ev = evaluate(model, test_xs, test_y, data.names)
+        if val_y is not None:
+            ev["val_acc"] = evaluate(model, val_xs, val_y, data.names)["acc"]
         metrics["epochs"].append({"epoch": epoch, "train_loss": loss, "test_acc": ev["acc"], "rolled": record["rolled"],
                                   **{k: ev.get(k) for k in ("air", "key_gap", "attention")},
-                                  **({"air_leader": ev["air_leader"]} if "air_leader" in ev else {})})
+                                  **{k: ev[k] for k in ("air_leader", "val_acc") if k in ev}})
         if rank == 0:
             rolls = int(model.fusion.rotation.rolls) if controller is not None else None
             log(epoch_line(epoch, args.epochs, loss, ev, rolls, record, seconds + time.perf_counter() - t0))
 
-    train_seconds = train(model, xs, y, args, args.epochs, device, controller, on_epoch, on_step, log)
+    def keep(state, path=args.checkpoint or args.resume):   # all a resume takes (R and the rolls: the state dict)
+        if rank == 0:                 # written whole, then renamed: an interruption leaves the last one intact
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({**state, "model": model.state_dict(), "config": run_config(args, model), "metrics":
+                        {k: metrics[k] for k in ("epochs", "pretrain") if k in metrics}}, f"{path}.part")
+            os.replace(f"{path}.part", path)
+
+    train_seconds = train(model, xs, y, args, args.epochs, device, controller, on_epoch, on_step, log, resumed,
+                          keep if args.checkpoint or args.resume else None)   # a resumed run writes on where it read
     return finish({"train_seconds": train_seconds})
 
 
@@ -279,8 +303,7 @@ def checked(make, *args, **kwargs):
 def describe(args, data, model, device, world, trained_on=None):
     """The opening line: what this run is about to do (`trained_on`: load_checkpoint's word on the model's data)."""
     shapes = ", ".join(f"{m} {L}x{D}" for m, (L, D) in data.modalities.items())
-    parts = [f"data {args.data}: {shapes} (tokens x features), {len(data.train_y)} train / {len(data.test_y)} test, "
-             f"{data.n_classes} classes"]
+    parts = [f"data {args.data}: {shapes} (tokens x features), {data.sizes}, {data.n_classes} classes"]
     rolled = int(model.fusion.rotation.rolls) if hasattr(model, "fusion") else 0   # > 0: a loaded model's rolls
     if args.load:
         notes = [trained_on, args.rollingq and f"rolls done: {rolled}"]
@@ -310,7 +333,8 @@ def describe(args, data, model, device, world, trained_on=None):
 
 def epoch_line(epoch, epochs, loss, ev, rolls, record, seconds):
     """The progress line: loss, test accuracy, AIR (its leader for M > 2), attention shares, rolls."""
-    line = f"epoch {epoch:3d}/{epochs}  loss {loss:.4f}  test_acc {ev['acc']:.4f}"
+    line = f"epoch {epoch:3d}/{epochs}  loss {loss:.4f}" + (f"  val_acc {ev['val_acc']:.4f}" if "val_acc" in ev else "")
+    line += f"  test_acc {ev['acc']:.4f}"
     if "air" in ev:
         line += f"  air {ev['air']:+.3f}" + (f" ({ev['air_leader']})" if "air_leader" in ev else "")
         line += "  attn " + " ".join(f"{a:.2f}" for a in ev["attention"].values())
@@ -344,16 +368,7 @@ def save_checkpoint(path, model, data, seed):
 def load_checkpoint(path, data, data_name, seed):
     """A model saved by save_checkpoint, for `data` (--data data_name, drawn from `seed`), and a
     note for the opening line when it was trained on other data of the same shapes."""
-    try:
-        with warnings.catch_warnings():                               # e.g. on a pickle's protocol: refused below
-            warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"--load {path}: no such file") from None
-    except OSError as e:
-        raise UsageError(f"--load {path}: {e.strerror}") from None
-    except Exception:                                                 # KeyError, RuntimeError, UnpicklingError, ...:
-        checkpoint = None                                             # not a file torch.save wrote
+    checkpoint = read_saved(path, "--load")
     if isinstance(checkpoint, dict) and {"config", "model"} <= checkpoint.keys() and "data" not in checkpoint:
         raise UsageError(f"--load {path}: written by an older train.py, before checkpoints recorded their data; "
                          f"train and --save it again")
@@ -375,6 +390,34 @@ def load_checkpoint(path, data, data_name, seed):
                          f"{cfg.modalities} and {cfg.n_classes} classes this data ({data_name}: {data.modalities}, "
                          f"{data.n_classes} classes) does not have: pass --data {checkpoint['data']}")
     return model, None if checkpoint["data"] == str(data_name) else f"trained on {checkpoint['data']}"
+
+
+def read_saved(path, flag):
+    """torch.load of a file train.py wrote; None where it is no file torch.save wrote (the caller refuses it)."""
+    try:
+        with warnings.catch_warnings():                               # e.g. on a pickle's protocol: refused then
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {e.strerror}") from None
+    except Exception:                                                 # KeyError, RuntimeError, UnpicklingError, ...
+        return None
+
+
+def load_resumable(path, args, model):
+    """A --checkpoint file, for a run of the same flags but --resume, --checkpoint, --device: loads
+    the model (RollingQ's sums are empty between epochs), returns the rest for train()."""
+    state = read_saved(path, "--resume")
+    if not (isinstance(state, dict) and {"epoch", "model", "config", "metrics", "rng"} <= state.keys()):
+        raise UsageError(f"--resume {path}: not a checkpoint written by train.py --checkpoint")
+    now, then = run_config(args, model), state["config"]
+    differ = sorted(k for k in {*now, *then} - {"resume", "checkpoint", "device"} if now.get(k) != then.get(k))
+    if differ:
+        raise UsageError(f"--resume {path}: written by a run with other settings ({', '.join(differ)}); give its flags")
+    model.load_state_dict(state["model"])
+    return state
 
 
 def write_json(path, obj, quiet=False):
@@ -466,6 +509,10 @@ def build_parser(description=None, out="write DIR/metrics.json", prog=None):
     g.add_argument("--load", metavar="PATH", help="start from a saved model; it brings its own architecture (no "
                    "--width, --heads, ...)")
     g.add_argument("--eval-only", action="store_true", help="with --load: evaluate only, no training")
+    g.add_argument("--checkpoint", metavar="PATH", help="after each epoch, write to PATH all a --resume needs")
+    g.add_argument("--resume", metavar="PATH", help="go on from a --checkpoint file as if never stopped (same flags)")
+    g.add_argument("--val-fraction", type=float, default=0.0, metavar="F", help="carve a validation split: F of each "
+                   "class of training, drawn from --seed (0: only the data's own)")
     return p
 
 
@@ -484,6 +531,8 @@ def check_args(a, parser):
             raise UsageError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(a, name)}")
     if not 0 <= a.seed < 2**63:
         raise UsageError(f"--seed must be in 0..2**63-1, got {a.seed}")
+    if not 0 <= a.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be in [0, 1), got {a.val_fraction}")
     if a.eval_only and not a.load:
         raise UsageError("--eval-only needs --load PATH (a model saved with --save)")
     if a.load and a.unimodal:
@@ -539,7 +588,9 @@ def main(argv=None):
         if int(os.environ.get("RANK", "0")) == 0:
             final = metrics["final"]
             print("final  " + "  ".join(f"acc[{c}] {a:.4f}" for c, a in final["acc"].items())
-                  + (f"  air {final['air']:+.3f}" if "air" in final else ""))
+                  + (f"  air {final['air']:+.3f}" if "air" in final else "")
+                  + ("  best val epoch {epoch}: test_acc {test_acc:.4f}".format(**final["best_val_epoch"])
+                     if "best_val_epoch" in final else ""))
             if args.out:
                 write_json(Path(args.out) / "metrics.json", metrics)
             if args.save:

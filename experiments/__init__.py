@@ -28,8 +28,9 @@ from rollingq import check_settings
 
 def parse(parser, argv=None, fixed=()):
     """Parse train.py's flags and the experiment's own. `fixed`: train.py flags the experiment
-    sets itself, left out of --help and refused if given."""
-    own = {a.dest: a for a in parser._actions if a.dest in fixed}
+    sets itself, left out of --help and refused if given; --checkpoint and --resume always (an
+    experiment of many runs resumes its own way: the study from its run files)."""
+    own = {a.dest: a for a in parser._actions if a.dest in (*fixed, "checkpoint", "resume")}
     for action in own.values():
         action.help = argparse.SUPPRESS
     args = train.parse_args(argv, parser)

@@ -135,9 +135,11 @@ def study_run(args, overrides, data, device, cache, flags, start=None):
     update-norm shares per epoch; overrides {"uniform_attention": True}: the control's model."""
     run_args = argparse.Namespace(**{**{k: v for k, v in vars(args).items() if k in flags},
                                      "load": None, "eval_only": False, "unimodal": None, "pretrain_epochs": 0,
-                                     **overrides})
+                                     "checkpoint": None, "resume": None, **overrides})
     env = environment(data_file(args.data))
-    key = {**{k: v for k, v in vars(run_args).items() if k not in ("device", "out", "save")}, "environment": env}
+    # the cache key: the flags that make the run (those added since at their defaults left out) and the environment
+    key = {**{k: v for k, v in vars(run_args).items() if k not in ("device", "out", "save", "checkpoint", "resume")
+              and not (k == "val_fraction" and v == 0)}, "environment": env}
     path = cache / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json") \
         if cache else None
     if path and path.exists():
@@ -176,6 +178,7 @@ def data_file(name):
 def correct_per_sample(model, xs, y, batch_size=512):
     """'0'/'1' per test sample: whether the model gets it right."""
     model.eval()
+    batch_size = min(batch_size, getattr(xs[0], "rows_at_once", batch_size))   # a data folder's modality: its reads
     right = torch.cat([model([x[i:i + batch_size] for x in xs]).logits.argmax(-1) == y[i:i + batch_size]
                        for i in range(0, len(y), batch_size)])
     return "".join("1" if r else "0" for r in right.tolist())

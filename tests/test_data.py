@@ -1,11 +1,13 @@
-"""Specification of data.py: the built-in set and the .npz loader."""
+"""Specification of data.py: the built-in set, the .npz loader and the data folder."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, small_npz
+import torch.nn.functional as F
+from conftest import ROOT, cli, refused, small_npz
 
 import data as datasets
 
@@ -43,7 +45,7 @@ BAD_NPZ = {
     "empty split": ({"test_y": np.zeros(0, int), "test_audio": np.zeros((0, 4, 5)),
                      "test_visual": np.zeros((0, 6))}, "test split is empty"),
     "train without test": ({"test_visual": None}, "no matching 'test_visual'"),
-    "unknown array": ({"val_audio": np.zeros(3)}, "unexpected array 'val_audio'"),
+    "unknown array": ({"dev_audio": np.zeros(3)}, "unexpected array 'dev_audio'"),
     "4-D features": ({"train_audio": np.zeros((40, 1, 4, 5)), "test_audio": np.zeros((20, 1, 4, 5))},
                      r"must be \(N, L, D\) or \(N, D\)"),
 }
@@ -110,3 +112,78 @@ def test_avdigits_is_in_the_box_and_a_seed_pairs_each_recording_with_another_ima
             rows = lambda v: sorted(map(tuple, v[y == digit].flatten(1).tolist()))   # noqa: E731
             assert rows(va) == rows(vb)
     assert torch.equal(datasets.load("avdigits", seed=1).test_x[1], b.test_x[1])  # the same seed, the same pairing
+
+
+def test_tokens_are_the_patches_a_vit_patch_embedding_convolution_reads():
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (2, 3, 3, 35, 48), generator=g, dtype=torch.uint8)   # (B, F, C, H, W), 35: 2 rows + 3
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    W = torch.randn(8, 3, 16, 16, generator=g)                  # a patch embedding's kernels (out, C, p, p)
+    x = frames.float() / 255
+    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    conv = torch.cat([F.conv2d(x[:, f], W, stride=16).flatten(2).transpose(1, 2) for f in range(3)], 1)   # (B, 3*2*3, 8)
+    t = datasets.tokens(frames, {"patch": 16, "mean": mean, "std": std})
+    assert t.shape == (2, 18, 768) and torch.allclose(t @ W.flatten(1).T, conv, atol=1e-4)
+    spectrogram = torch.randn(2, 1, 257, 188, generator=g).half()     # CREMA-D's: 16 x 11 patches, the rest dropped
+    W1 = W.sum(1, keepdim=True)                                  # (out, 1, p, p)
+    conv = F.conv2d(spectrogram.float(), W1, stride=16).flatten(2).transpose(1, 2)
+    t = datasets.tokens(spectrogram, {"patch": 16})
+    assert t.shape == (2, 176, 256) and torch.allclose(t @ W1.flatten(1).T, conv, atol=1e-3)
+    assert datasets.tokens(torch.ones(2, 6), {}).shape == (2, 1, 6)
+
+
+def test_a_data_folder_is_read_from_disk_when_indexed_and_its_views_hold_no_data(tmp_path):
+    d = datasets.load_npz(small_npz(tmp_path / "small.npz"))
+    folder = datasets.save_folder(d, tmp_path / "folder")
+    f = datasets.load(str(folder))
+    assert f.modalities == d.modalities and f.sizes == d.sizes and torch.equal(f.train_y, d.train_y)
+    audio = f.train_x[0]
+    i = torch.tensor([7, 2, 30])
+    assert torch.equal(audio[i], d.train_x[0][i]) and torch.equal(audio[3:9], d.train_x[0][3:9])
+    with open(folder / "train" / "audio.npy", "r+b") as file:   # row 2 changes on disk after the load
+        file.seek(audio.offset + 2 * 4 * 5 * 4)
+        file.write(np.full(20, 9, np.float32).tobytes())
+    assert (audio[i][1] == 9).all() and not (audio[i][0] == 9).any()
+    half = audio.view(rows=np.arange(0, 40, 2))                  # samples 0, 2, 4, ...
+    assert len(half) == 20 and (half[torch.tensor([1])] == 9).all()
+    held = [k for k, v in vars(half).items() if isinstance(v, (np.ndarray, torch.Tensor))]
+    assert held == ["rows"] and half.moments is None             # the row numbers, no data
+
+
+def test_a_stored_modality_corrupts_as_the_in_memory_one_with_each_samples_own_draw(tmp_path):
+    d = datasets.synthetic(seed=0, n_train=40, n_test=300, n_classes=4)
+    f = datasets.load(str(datasets.save_folder(d, tmp_path / "folder")))
+    zs, _ = datasets.noise_draws(f.test_x)
+    assert datasets.corrupted(f.test_x[1], 0.0, zs[1])[:].allclose(d.test_x[1], atol=1e-5)
+    noisy = datasets.corrupted(f.test_x[1], 1.0, zs[1])
+    x, clean = noisy[:], d.test_x[1]
+    z = (x - clean.mean(0)) / clean.std(0, correction=0)         # N(0, 1): the set's own mean and std kept
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
+    assert abs(float(torch.corrcoef(torch.stack([x.flatten(), clean.flatten()]))[0, 1])) < 0.02   # no signal left
+    assert torch.equal(noisy[torch.tensor([5])], x[5:6])         # the same draw, alone or among others
+    level, mu = torch.rand(300, 1, 1), clean.mean(0)             # one level per sample, the same z
+    mixed = datasets.corrupted(f.test_x[1], level, zs[1])
+    assert torch.allclose(mixed[:], mu + (1 - level) ** 0.5 * (clean - mu) + level ** 0.5 * (x - mu), atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["no meta", "no test", "rows", "shape", "labels", "side"])
+def test_a_bad_data_folder_is_refused_in_one_line(tmp_path, case):
+    folder = datasets.save_folder(datasets.load_npz(small_npz(tmp_path / "small.npz")), tmp_path / "folder")
+    message = {"no meta": "is a directory without meta.json", "no test": "expected the folders train/ and test/",
+               "rows": "test/visual.npy: expected numbers, one row per label (20); got 19 rows",
+               "shape": "test/audio.npy: rows of shape (4, 6), but (4, 5) in train",
+               "labels": "train/y.npy holds one class only",
+               "side": "test/side_snr.npy: cannot read the side information 'snr'"}[case]
+    if case == "no meta":
+        (folder / "meta.json").unlink()
+    elif case == "no test":
+        shutil.rmtree(folder / "test")
+    elif case == "rows":
+        np.save(folder / "test" / "visual.npy", np.zeros((19, 6)))
+    elif case == "shape":
+        np.save(folder / "test" / "audio.npy", np.zeros((20, 4, 6)))
+    elif case == "labels":
+        np.save(folder / "train" / "y.npy", np.zeros(40, int))
+    else:                                                        # side information in train/ only
+        np.save(folder / "train" / "side_snr.npy", np.zeros(40))
+    assert refused(cli("--data", str(folder)), message)

@@ -1,15 +1,18 @@
 """Specification of experiments/: the study, the anatomy of a roll and the benchmark."""
 
 import functools
+import json
 import math
+import os
 import re
 import statistics
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, cli, refused
+from conftest import ROOT, TINY, cli, refused
 
 import data as datasets
 import experiments
@@ -136,6 +139,7 @@ def test_a_warm_start_regime_takes_its_premise_from_the_same_regime_without_it()
 def test_experiments_refuse_the_flags_they_set_themselves_and_bad_roll_settings_at_once():
     r = cli("--rollingq", module="experiments.study")
     assert refused(r, "--rollingq: python -m experiments.study sets it itself")
+    assert refused(cli("--resume", "run.pt", module="experiments.study"), "--resume: python -m experiments.study sets it")
     r = cli("--regimes", "default,nosuch", module="experiments.study")
     assert refused(r, "unknown regime 'nosuch'")
     assert refused(cli("--beta", "-1", module="experiments.bench"), "finite beta >= 0")
@@ -322,3 +326,24 @@ def test_snr_measures_read_the_lowest_third_and_gradient_shares_sum_to_one(tiny_
     assert -1 <= final["attention_snr_r"] <= 1 and set(final["converged_probe"]) == {"audio", "visual"}
     per_epoch = shares.per_epoch(d.names)
     assert len(per_epoch["audio"]) == 2 and all(abs(a + v - 1) < 1e-5 for a, v in zip(per_epoch["audio"], per_epoch["visual"]))
+
+
+def test_the_study_runs_on_a_data_folder_three_seeds_paired(tiny_npz, tmp_path):
+    folder = datasets.save_folder(datasets.load_npz(tiny_npz), tmp_path / "folder")
+    args = study.parse_args(["--data", str(folder), "--seeds", "3", *TINY, "--epochs", "1", "--regimes", "default"])
+    results, report = study.study(args, torch.device("cpu"))
+    paired = report["tables"]["default"]["paired"]["concat"]["acc clean"]
+    assert len(paired["differences"]) == 3 and len(results["default"]["concat"]) == 3
+    assert all(r["config"]["data"] == str(folder) for r in results["default"]["attention (vanilla)"])
+
+
+def test_the_paper_experiments_cpu_commands_run_as_written(tmp_path):
+    text = open(os.path.join(ROOT, "docs", "paper-experiment.md")).read()
+    block = re.findall(r"```bash\n(.*?)```", text, re.S)[-1]
+    r = subprocess.run(["bash", "-ec", block.replace("python ", f"{sys.executable} ")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "runs" / "ks-tiny-run" / "metrics.json").read_text())
+    assert m["config"]["preset"] == "paper" and m["config"]["optimizer"] == "sgd" and "best_val_epoch" in m["final"]
+    assert m["config"]["model"]["modalities"] == {"audio": [512, 256], "visual": [588, 768]}   # the authors' tokens
+    assert torch.load(tmp_path / "runs" / "ks-tiny-run" / "ckpt.pt", weights_only=True)["epoch"] == 2

@@ -199,7 +199,7 @@ def readme_blocks(language, doc="README.md"):
 
 
 def test_readme_and_docs_have_no_placeholder_left_and_their_links_exist():
-    for doc in ("README.md", "docs/reproduction.md", "docs/integration.md", "docs/premise.md"):
+    for doc in ("README.md", "docs/reproduction.md", "docs/integration.md", "docs/premise.md", "docs/paper-experiment.md"):
         text = open(os.path.join(ROOT, doc)).read()
         assert not re.findall(r"\b[A-Z]+_[A-Z_]{3,}\b", text), doc
         for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
@@ -328,3 +328,104 @@ def test_readme_timm_style_recipe_rolls_the_cls_row_only_and_handles_the_key_bia
             block.qkv.bias[32:64] = 0                           # zeroed by hand: the k-norm's case too
         assert torch.allclose(block(x), loaded, atol=1e-5) is not qk_norm   # the softmax ignores it without a k-norm
         block.train()
+
+
+def interrupted(*args, after_steps):
+    """train.py run as a process that dies (KeyboardInterrupt) in training step after_steps + 1."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import train\n"
+            "step, calls = train.train_step, []\n"
+            "def dying(*a, **k):\n"
+            f"    calls.append(1)\n"
+            f"    if len(calls) > {after_steps}: raise KeyboardInterrupt\n"
+            "    return step(*a, **k)\n"
+            "train.train_step = dying\n"
+            "train.cli(sys.argv[2:])\n")
+    return subprocess.run([sys.executable, "-c", code, ROOT, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_run_interrupted_and_resumed_equals_one_never_stopped_bit_for_bit(tmp_path, tiny_npz):
+    """Dropout, shuffling, the cosine schedule, AdamW's moments and rolls after every epoch all carry over."""
+    flags = ["--data", tiny_npz, "--rollingq", *TINY, "--epochs", "4", "--max-rolls", "none", "--schedule", "cosine",
+             "--val-fraction", "0.25"]
+    assert cli(*flags, "--out", str(tmp_path / "whole"), "--save", str(tmp_path / "whole.pt")).returncode == 0
+    checkpoint = tmp_path / "ckpt" / "run.pt"
+    r = interrupted(*flags, "--checkpoint", str(checkpoint), after_steps=14)    # 6 steps an epoch: dies in epoch 3
+    assert r.returncode != 0 and "KeyboardInterrupt" in r.stderr
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2 and not checkpoint.with_suffix(".pt.part").exists()
+    r = cli(*flags, "--resume", str(checkpoint), "--out", str(tmp_path / "resumed"), "--save", str(tmp_path / "resumed.pt"))
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("epoch ")] == ["3/4", "4/4"]
+    whole, resumed = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("whole", "resumed"))
+    for m in (whole, resumed):
+        m["final"].pop("train_seconds")
+        del m["config"]["resume"], m["config"]["checkpoint"]
+    assert resumed == whole
+    a, b = (torch.load(tmp_path / name, weights_only=True)["model"] for name in ("whole.pt", "resumed.pt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 4            # a resumed run writes on where it read
+
+    assert refused(cli(*flags, "--lr", "0.01", "--resume", str(checkpoint)),
+                   f"--resume {checkpoint}: written by a run with other settings (lr); give its flags")
+    assert refused(cli(*flags, "--resume", tiny_npz), f"--resume {tiny_npz}: not a checkpoint written by train.py --checkpoint")
+    assert refused(cli(*flags, "--resume", str(tmp_path / "absent.pt")), "absent.pt: no such file")
+
+
+def test_validation_split_names_the_test_accuracy_at_its_best_epoch(tmp_path, tiny_npz):
+    r = cli("--data", tiny_npz, *TINY, "--epochs", "4", "--lr", "0.03", "--val-fraction", "0.25", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "256 train" not in r.stdout and ": audio 4x6, visual 1x15 (tokens x features), 192 train / 64 val / 128 test" in r.stdout
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    val = [e["val_acc"] for e in m["epochs"]]
+    best = m["epochs"][val.index(max(val))]                      # the first of the best: epoch 3 of 4 here
+    assert best["epoch"] < 4 and best["test_acc"] != m["final"]["acc"]["clean"]
+    assert m["final"]["best_val_epoch"] == {"epoch": best["epoch"], "val_acc": best["val_acc"], "test_acc": best["test_acc"]}
+    assert f"best val epoch {best['epoch']}: test_acc {best['test_acc']:.4f}" in r.stdout.splitlines()[-2]
+    assert refused(cli("--val-fraction", "1"), "--val-fraction must be in [0, 1), got 1.0")
+
+
+def test_carved_validation_is_stratified_seeded_and_disjoint_from_training(tiny_npz):
+    d = datasets.load_npz(tiny_npz)
+    d.side["snr"] = {"train": torch.arange(256.0), "test": torch.zeros(128)}
+    v = datasets.carve_validation(d, 0.25, seed=1)
+    for c in range(d.n_classes):                                 # a quarter of each class, rounded
+        assert int((v.val_y == c).sum()) == round(0.25 * int((d.train_y == c).sum()))
+    taken = torch.cat([v.side["snr"]["train"], v.side["snr"]["val"]]).long()   # which training sample went where
+    assert sorted(taken.tolist()) == list(range(256)) and torch.equal(v.side["snr"]["train"].sort().values, v.side["snr"]["train"])
+    for xs, y, snr in ((v.train_x, v.train_y, v.side["snr"]["train"]), (v.val_x, v.val_y, v.side["snr"]["val"])):
+        i = snr.long()
+        assert torch.equal(y, d.train_y[i]) and all(torch.equal(x, dx[i]) for x, dx in zip(xs, d.train_x))
+    assert torch.equal(datasets.carve_validation(d, 0.25, seed=1).val_y, v.val_y)
+    assert not torch.equal(datasets.carve_validation(d, 0.25, seed=2).side["snr"]["val"], v.side["snr"]["val"])
+    with pytest.raises(datasets.DataError, match="brings its own validation split"):
+        datasets.carve_validation(v, 0.25)
+
+
+def test_an_npz_may_bring_its_own_validation_split(tmp_path):
+    g = np.random.default_rng(1)
+    arrays = {"val_y": g.integers(0, 3, 10), "val_audio": g.standard_normal((10, 4, 5)), "val_visual": g.standard_normal((10, 6))}
+    d = datasets.load_npz(small_npz(tmp_path / "val.npz", **arrays))
+    assert d.sizes == "40 train / 10 val / 20 test" and torch.equal(d.val_y, torch.from_numpy(arrays["val_y"]))
+    assert torch.equal(d.val_x[1], torch.from_numpy(arrays["val_visual"]).float()[:, None])
+    assert datasets.load_npz(small_npz(tmp_path / "none.npz")).val_y is None
+    without = lambda key: {k: v for k, v in arrays.items() if k != key}
+    assert refused(cli("--data", str(small_npz(tmp_path / "half.npz", **without("val_visual")))),
+                   "'train_visual' has no matching 'val_visual'")
+    assert refused(cli("--data", str(small_npz(tmp_path / "nolabels.npz", **without("val_y")))),
+                   "'val_audio' has no matching 'val_y'")
+    assert refused(cli("--data", str(small_npz(tmp_path / "both.npz", **arrays)), "--val-fraction", "0.2"),
+                   "the data brings its own validation split (val_y); carve none from training")
+
+
+def test_a_data_folder_trains_as_its_npz_does(tmp_path, tiny_npz):
+    """The same batches, read from disk: the same training, bit for bit; the evaluation reads 64 samples at a time
+    (not 512: its sums round a little otherwise), and the noise of the final evaluation is drawn otherwise."""
+    folder = datasets.save_folder(datasets.load_npz(tiny_npz), tmp_path / "folder")
+    flags = ["--rollingq", *TINY, "--val-fraction", "0.25"]
+    for data, out in ((tiny_npz, "npz"), (str(folder), "folder")):
+        assert cli("--data", data, *flags, "--out", str(tmp_path / out)).returncode == 0
+    a, b = (json.loads((tmp_path / out / "metrics.json").read_text()) for out in ("npz", "folder"))
+    exact = ("epoch", "train_loss", "test_acc", "val_acc", "rolled")
+    assert [{k: e[k] for k in exact} for e in a["epochs"]] == [{k: e[k] for k in exact} for e in b["epochs"]]
+    assert all(math.isclose(x[k], y[k], abs_tol=1e-6) for x, y in zip(a["epochs"], b["epochs"]) for k in ("air", "key_gap"))
+    assert a["final"]["acc"]["clean"] == b["final"]["acc"]["clean"]
+    assert a["final"]["best_val_epoch"] == b["final"]["best_val_epoch"] and set(b["final"]["acc"]) == set(a["final"]["acc"])
