@@ -44,7 +44,7 @@ run "no_grad gathers nothing" "(self.training and torch.is_grad_enabled())" "(se
 run "no RollingQ, no gathering" "self.gathering, self.gathering_in_eval = False, False" "self.gathering, self.gathering_in_eval = True, False"
 run "collecting() gathers in eval" "self.gathering_in_eval or (" "("
 run "the sums reset at a step" "rotation.sums = None                         # the next epoch" "pass                                         # the next epoch"
-run "the sums are summed over ranks" "    torch.distributed.all_reduce(flat)" "    pass"
+run "the sums are summed over ranks" "    all_reduced(flat)" "    pass"
 run "a load is checked and drops the sums" '    check_orthogonal(rotation.R, "load_state_dict")' "    return"
 run "R must be a rotation" "if not error <= 1e-4:" "if False:"
 run "NaN check" "if not all(bool(torch.isfinite(v).all()) for v in sums.values()):" "if False:"
