@@ -75,6 +75,21 @@ def environment(data_path=None):
                                  capture_output=True, text=True).stdout.strip()
     except OSError:                                                   # no git: the numbers still run
         commit, changed = "", ""
-    digest = hashlib.sha256(Path(data_path).read_bytes()).hexdigest() if data_path else None
-    return {"commit": (commit or "unknown") + ("+changes" if changed else ""), "data_sha256": digest,
+    return {"commit": (commit or "unknown") + ("+changes" if changed else ""), "data_sha256": data_digest(data_path),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def data_digest(path):
+    """sha256 of a data file; of a data folder (larger than memory, maybe): its files' names and
+    sizes and each file's first MiB, in name order. None for no file."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_dir():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)} {f.stat().st_size}\n".encode())
+        with open(f, "rb") as stream:
+            h.update(stream.read(1 << 20))
+    return h.hexdigest()

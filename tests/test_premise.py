@@ -106,3 +106,14 @@ def test_a_runs_environment_names_the_commit_the_datas_sha256_torch_and_the_thre
     assert env["data_sha256"] == hashlib.sha256(b"some data").hexdigest()
     assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
     assert len(env["commit"].split("+")[0]) in (40, 7) or env["commit"].startswith("unknown")
+
+
+def test_a_data_folders_digest_follows_its_files_names_sizes_and_contents(tmp_path):
+    from experiments import data_digest
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "y.npy").write_bytes(b"0123")
+    first = data_digest(tmp_path)
+    (tmp_path / "train" / "y.npy").write_bytes(b"0124")
+    second = data_digest(tmp_path)
+    (tmp_path / "train" / "y.npy").rename(tmp_path / "train" / "z.npy")
+    assert len({first, second, data_digest(tmp_path)}) == 3
