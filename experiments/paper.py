@@ -28,6 +28,8 @@ def parse_args(argv=None):
     p = train.build_parser(prog="python -m experiments.paper", description=__doc__.split("\n\n")[0])
     p.add_argument("--init", metavar="PATH", help="ViT weights in timm's layout (torch.save(model.state_dict())): "
                    "each encoder takes the first --layers blocks (experiments/vit.py); none: encoders from scratch")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND", help="torch.compile the model in "
+                   "place before training (for a GPU; BACKEND default inductor); checkpoints keep their keys")
     p.set_defaults(**RECIPE)
     return train.parse_args(argv, p)
 
@@ -35,9 +37,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device, data = train.get_device(args.device), train.load_data(args)
-    start = (lambda model, *_: vit.load_vit(model, args.init, data)) if args.init else None
+
+    def start(model, *_):                                             # train.run's hook, before the first step
+        record = vit.load_vit(model, args.init, data) if args.init else None
+        if args.compile:
+            model.compile(backend=args.compile)                       # in place: the state dict's keys stay
+        return record
     try:
-        model, metrics = train.run(args, data, device, warm_start=start)
+        model, metrics = train.run(args, data, device, warm_start=start if args.init or args.compile else None)
         if int(os.environ.get("RANK", "0")) == 0:
             final = metrics["final"]
             print("final  " + "  ".join(f"acc[{c}] {a:.4f}" for c, a in final["acc"].items())
