@@ -557,13 +557,20 @@ class FusionAttention(nn.Module):
         self.rotation = QueryRotation(n_heads, d_model // n_heads)
         self.attn_drop, self.drop = nn.Dropout(dropout), nn.Dropout(dropout)   # as the authors: weights, output
 
+    def averaging(self, T, device):                                      # (M, T): row m averages modality m's tokens
+        P = torch.zeros(len(self.spans), T, device=device)
+        for m, (s, e) in enumerate(self.spans):
+            P[m, s:e] = 1.0 / (e - s)
+        return P
+
     def heads(self, x):                                                  # (B, T, C) -> (B, nh, T, hs)
         B, T, C = x.shape
         return x.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
 
     def forward(self, x, stats=False):                                   # x: (B, T, C) -> (B, C)
         k, v = self.heads(self.k(x)), self.heads(self.v(x))              # (B, nh, T, hs)
-        key_means = torch.stack([k[:, :, s:e].mean(2) for s, e in self.spans], 2)   # (B, nh, M, hs): k̄_m(x)
+        P = self.averaging(k.shape[2], k.device)                         # (M, T), derived: nothing to lose in meta init
+        key_means = P.to(k.dtype) @ k                                    # (B, nh, M, hs): k̄_m(x)
         q = self.rotation(self.heads(self.q(x[:, :1])), key_means)       # (B, nh, 1, hs): R q, the CLS row
         a = (q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])).softmax(-1)   # (B, nh, 1, T)
         y = self.drop(self.proj((self.attn_drop(a) @ v).flatten(1)))     # (B, nh, 1, hs) -> (B, C)
@@ -572,7 +579,7 @@ class FusionAttention(nn.Module):
             extra["query"] = q.detach()[:, :, 0]                         # (B, nh, hs): the query in use, R q
             extra["key_means"] = key_means.detach()                      # (B, nh, M, hs): k̄_m(x)
             # the CLS row's attention on each modality's tokens (the rest is on the CLS token)
-            extra["attention"] = torch.stack([a.detach()[:, :, 0, s:e].sum(-1) for s, e in self.spans], -1)   # (B, nh, M)
+            extra["attention"] = (a.detach() @ (P > 0).to(a.dtype).T)[:, :, 0]   # (B, nh, M): on modality m's tokens
         return y, extra
 
 

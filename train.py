@@ -195,8 +195,7 @@ def final_evaluation(model, xs, y, names):
 def run(args, data, device, log=print, on_step=None, warm_start=None, measures=None, build=MultimodalTransformer):
     """Build (or load), train unless --eval-only, and evaluate one model; returns (model, metrics).
     The study's hooks: warm_start(model, xs, y, test_xs, test_y) before training, its record kept
-    as metrics["pretrain"]; measures(model, test_xs, test_y, data, final), more for metrics["final"];
-    build(cfg), the multimodal model (default MultimodalTransformer; the study's control differs)."""
+    as metrics["pretrain"]; measures(model, test_xs, test_y, data, final), more for metrics["final"]; build(cfg)."""
     device, rank, world = setup_distributed(device)
     torch.manual_seed(args.seed)
     data = datasets.carve_validation(data, args.val_fraction, args.seed) if args.val_fraction else data
