@@ -27,8 +27,7 @@ import train
 from experiments import environment
 from experiments.avdigits_noisy import SOURCE, build
 from experiments.avdigits import write_and_report
-from experiments.study import PRETRAIN, correct_per_sample, paired
-from rollingq import Unimodal
+from experiments.study import correct_per_sample, paired, warm_start
 
 # docs/premise.md, section 2: the candidates. Round 1 (1-5) builds sets; round 2 (6-8) gives one
 # encoder a head start on the shipped noisy set. 2-5 are not run (the page says why): by default
@@ -76,7 +75,8 @@ def gate_run(kind, seed, number, path, data, cache):
     file = Path(cache) / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if file.exists():
         return json.loads(file.read_text())
-    hook = head_start(args, *start) if start else None
+    hook = warm_start(argparse.Namespace(**{**vars(args), "pretrain_epochs": start[1]}), torch.device("cpu"),
+                      [start[0]]) if start else None                  # the head start: one encoder alone first
     model, metrics = train.run(args, data, torch.device("cpu"), log=lambda line: None, warm_start=hook)
     if args.unimodal:
         j = data.names.index(args.unimodal)
@@ -84,20 +84,6 @@ def gate_run(kind, seed, number, path, data, cache):
     metrics["environment"], metrics["kind"] = env, kind
     train.write_json(file, metrics, quiet=True)
     return metrics
-
-
-def head_start(args, modality, epochs):
-    """train.run's warm_start hook: the encoder of `modality` trained alone first, with a linear head,
-    for `epochs` epochs with the study's warm-start recipe (AdamW lr 1e-3, constant)."""
-    recipe = argparse.Namespace(**{**vars(args), **PRETRAIN})
-
-    def hook(model, xs, y, test_xs, test_y):
-        j = list(model.cfg.modalities).index(modality)
-        solo = Unimodal(model.cfg, modality, model.encoders[j])
-        train.train(solo, [xs[j]], y, recipe, epochs, torch.device("cpu"), log=lambda line: None)
-        return {"modality": modality, "epochs": epochs,
-                "test_acc": train.evaluate(solo, [test_xs[j]], test_y, [modality])["acc"]}
-    return hook
 
 
 def gates(runs, side):

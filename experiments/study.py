@@ -108,15 +108,18 @@ def rows_of(regime):
 PRETRAIN = {"optimizer": "adamw", "lr": 1e-3, "schedule": "constant"}
 
 
-def warm_start(args, device):
-    """train.run's warm_start hook: train each encoder alone with a linear head, with PRETRAIN,
-    for args.pretrain_epochs; its record holds the recipe and each encoder's accuracies."""
+def warm_start(args, device, modalities=None):
+    """train.run's warm_start hook: train each encoder (or those of `modalities`: a head start for
+    some) alone with a linear head, with PRETRAIN, for args.pretrain_epochs; its record holds the
+    recipe and those encoders' accuracies."""
     recipe = argparse.Namespace(**{**vars(args), **PRETRAIN})
 
     def hook(model, xs, y, test_xs, test_y):
         result = {"recipe": {**PRETRAIN, "epochs": args.pretrain_epochs, "batch_size": args.batch_size},
                   "train_acc": {}, "test_acc": {}}
         for j, name in enumerate(model.cfg.modalities):
+            if modalities is not None and name not in modalities:
+                continue
             solo = Unimodal(model.cfg, name, model.encoders[j]).to(device)
             train.train(solo, [xs[j]], y, recipe, args.pretrain_epochs, device, log=lambda line: None)
             result["train_acc"][name] = train.evaluate(solo, [xs[j]], y, [name])["acc"]

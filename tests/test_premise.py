@@ -117,3 +117,21 @@ def test_a_data_folders_digest_follows_its_files_names_sizes_and_contents(tmp_pa
     second = data_digest(tmp_path)
     (tmp_path / "train" / "y.npy").rename(tmp_path / "train" / "z.npy")
     assert len({first, second, data_digest(tmp_path)}) == 3
+
+
+def test_a_head_start_trains_the_named_encoder_alone_and_leaves_the_other_as_built():
+    import argparse
+
+    import train
+    from experiments.study import warm_start
+    from rollingq import Config, MultimodalTransformer
+    g = torch.Generator().manual_seed(0)
+    xs, y = [torch.randn(64, 3, 5, generator=g), torch.randn(64, 2, 4, generator=g)], torch.randint(0, 3, (64,), generator=g)
+    torch.manual_seed(0)
+    model = MultimodalTransformer(Config({"audio": (3, 5), "visual": (2, 4)}, 3, d_model=16, n_layers=1))
+    before = [{k: v.clone() for k, v in enc.state_dict().items()} for enc in model.encoders]
+    args = argparse.Namespace(**{**vars(train.parse_args([])), "pretrain_epochs": 2, "batch_size": 32})
+    record = warm_start(args, torch.device("cpu"), ["audio"])(model, xs, y, xs, y)
+    assert list(record["test_acc"]) == ["audio"] and record["recipe"]["epochs"] == 2
+    moved = [any(not torch.equal(v, b[k]) for k, v in enc.state_dict().items()) for enc, b in zip(model.encoders, before)]
+    assert moved == [True, False]
