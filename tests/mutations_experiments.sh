@@ -56,4 +56,5 @@ run "gate (c): from epoch 3" $P 'for e in r["epochs"][2:]) if fav else 0.0' 'for
 run "gate (d): the interval's lower end" $P '"holds": d["ci"][0] > 0}' '"holds": d["mean"] > 0}' $T
 run "gate (e): at most 0.90 alone" $P "0.55 <= mean[k] <= 0.90" "0.55 <= mean[k] <= 1.0" $T
 run "gate (e): concat 3 points above" $P "mean[\"concat\"] >= better + 0.03" "mean[\"concat\"] >= better" $T
+run "a head start trains the named encoder alone" $S "            if modalities is not None and name not in modalities:" "            if False:" $T
 exit $status
