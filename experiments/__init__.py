@@ -16,6 +16,7 @@ what they make (JSON, markdown, figures) under --out.
 
 import argparse
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -58,6 +59,12 @@ def save_figure(make, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def run_file(folder, key):
+    """Where a run made with `key` (a JSON-able dict) is kept: folder/<its sha1>.json; None without a folder."""
+    return Path(folder) / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json") \
+        if folder else None
 
 
 CODE = ("rollingq.py", "train.py", "data.py", "experiments")          # what a run executes

@@ -27,9 +27,10 @@ class UniformFusion(FusionAttention):
             return y, {}
         with torch.no_grad():                                            # statistics, not the loss
             k = self.heads(self.k(x))                                    # (B, nh, T, hs)
-            key_means = torch.stack([k[:, :, s:e].mean(2) for s, e in self.spans], 2)   # (B, nh, M, hs)
+            P = self.averaging(T, k.device)                              # (M, T), as FusionAttention
+            key_means = P.to(k.dtype) @ k                                # (B, nh, M, hs)
             q = self.rotation(self.heads(self.q(x[:, :1])), key_means)   # (B, nh, 1, hs)
-        attention = torch.stack([a[:, :, 0, s:e].sum(-1) for s, e in self.spans], -1)   # (B, nh, M)
+        attention = (a @ (P > 0).to(a.dtype).T)[:, :, 0]                 # (B, nh, M)
         return y, {"query": q[:, :, 0], "key_means": key_means, "attention": attention}
 
 

@@ -14,7 +14,6 @@ reading per candidate.
 """
 
 import argparse
-import hashlib
 import json
 import statistics
 import time
@@ -24,7 +23,7 @@ import torch
 
 import data as datasets
 import train
-from experiments import environment
+from experiments import environment, run_file
 from experiments.avdigits_noisy import SOURCE, build
 from experiments.avdigits import write_and_report
 from experiments.study import correct_per_sample, paired, warm_start
@@ -70,9 +69,8 @@ def gate_run(kind, seed, number, path, data, cache):
         setattr(args, k, v)
     start = c.get("head_start") if not args.unimodal else None
     env = environment(path)
-    key = json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("out", "save")}, "env": env,
-                      **({"head_start": start} if start else {})}, sort_keys=True)
-    file = Path(cache) / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+    file = run_file(cache, {"args": {k: v for k, v in vars(args).items() if k not in ("out", "save")}, "env": env,
+                            **({"head_start": start} if start else {})})
     if file.exists():
         return json.loads(file.read_text())
     hook = warm_start(argparse.Namespace(**{**vars(args), "pretrain_epochs": start[1]}), torch.device("cpu"),

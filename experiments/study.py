@@ -22,7 +22,6 @@ file per run in runs/, so an interrupted study resumes where it stopped.
 """
 
 import argparse
-import hashlib
 import json
 import math
 import statistics
@@ -33,7 +32,7 @@ import torch
 
 import data as datasets
 import train
-from experiments import environment, parse, save_figure
+from experiments import environment, parse, run_file, save_figure
 from experiments.control import uniform_attention_model
 from experiments.measures import (NOISE_LEVELS, EpochMeasures, GradientShares, UpdateShares, all_of, last_epochs_mean,
                                   study_measures)
@@ -143,8 +142,7 @@ def study_run(args, overrides, data, device, cache, flags, start=None):
     # the cache key: the flags that make the run (those added since at their defaults left out) and the environment
     key = {**{k: v for k, v in vars(run_args).items() if k not in ("device", "out", "save", "checkpoint", "resume")
               and not (k == "val_fraction" and v == 0)}, "environment": env}
-    path = cache / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json") \
-        if cache else None
+    path = run_file(cache, key)
     if path and path.exists():
         return json.loads(path.read_text()), True
     hook = start(run_args, device) if start else warm_start(run_args, device) if run_args.pretrain_epochs else None
