@@ -194,6 +194,18 @@ def test_the_warm_start_trains_each_encoder_alone_with_its_own_recipe(tiny_npz):
     assert m["pretrain"]["train_acc"]["audio"] > 0.5 and m["pretrain"]["test_acc"]["audio"] > 0.5   # chance: 0.25
 
 
+def test_the_closest_setting_gives_the_audio_encoder_alone_a_head_start_and_runs_the_declared_rows(tiny_npz):
+    assert study.unimodal_regime(study.CLOSEST) == "default"   # gate (e): each modality alone, no head start
+    assert list(study.rows_of(study.CLOSEST)) == [
+        "concat", "attention (vanilla)", "RollingQ, 3 rolls", "RollingQ, every epoch", "RollingQ, 1 roll, pass stats",
+        "RollingQ, sigma 1, pass stats", "RollingQ, sigma 3, pass stats", study.CONTROL]     # docs/premise.md, 3
+    args = study.parse_args(["--data", tiny_npz, *TINY, "--epochs", "1"])
+    overrides = {**study.REGIMES[study.CLOSEST], "pretrain_epochs": 1, **study.ROWS["concat"]}
+    m, _ = study.study_run(args, overrides, datasets.load_npz(tiny_npz), torch.device("cpu"), None,
+                           set(vars(train.parse_args([]))))
+    assert set(m["pretrain"]["test_acc"]) == {"audio"} and m["pretrain"]["recipe"]["epochs"] == 1
+
+
 def test_the_papers_measures_grade_the_noise_correlate_attention_with_quality_and_split_by_noise(tiny_npz):
     d = datasets.load_npz(tiny_npz)
     d.test_noise = torch.rand(len(d.test_y), 2, generator=torch.Generator().manual_seed(0)) < 0.3   # as synthetic()
