@@ -20,7 +20,13 @@ import train
 from experiments import anatomy, bench, measures, study
 
 
+def quick_probes(monkeypatch):
+    """The converged probes (tested on their own below) as a constant: what a study's bookkeeping is tested with."""
+    monkeypatch.setattr(measures, "fit_probe", lambda *args, **kwargs: {"acc": 0.5, "grad_norm": 0.0})
+
+
 def test_study_resumes_from_its_run_files_and_reports_premise_and_tables(tiny_npz, tmp_path, capsys, monkeypatch):
+    quick_probes(monkeypatch)
     monkeypatch.setitem(study.REGIMES, "paper", {**study.PAPER, "epochs": 2, "pretrain_epochs": 1, "batch_size": 32})
     args = study.parse_args(["--data", tiny_npz, "--seeds", "2", *TINY, "--epochs", "1", "--out", str(tmp_path),
                              "--regimes", "paper,authors"])
@@ -340,7 +346,10 @@ def test_snr_measures_read_the_lowest_third_and_gradient_shares_sum_to_one(tiny_
     assert len(per_epoch["audio"]) == 2 and all(abs(a + v - 1) < 1e-5 for a, v in zip(per_epoch["audio"], per_epoch["visual"]))
 
 
-def test_the_study_runs_on_a_data_folder_three_seeds_paired(tiny_npz, tmp_path):
+def test_the_study_runs_on_a_data_folder_three_seeds_paired(tiny_npz, tmp_path, monkeypatch):
+    rows = study.rows_of("default")
+    quick_probes(monkeypatch)
+    monkeypatch.setattr(study, "rows_of", lambda regime: {r: rows[r] for r in ("concat", "attention (vanilla)")})
     folder = datasets.save_folder(datasets.load_npz(tiny_npz), tmp_path / "folder")
     args = study.parse_args(["--data", str(folder), "--seeds", "3", *TINY, "--epochs", "1", "--regimes", "default"])
     results, report = study.study(args, torch.device("cpu"))

@@ -154,8 +154,10 @@ def test_the_new_refusals_are_one_line_from_the_process_with_no_warning(tmp_path
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with open(tmp_path / "pickled.pt", "wb") as f:               # a pickle, not torch.save's zip: torch warns on it
         pickle.dump({"config": {}}, f, protocol=4)
-    for path in (tmp_path / "notes.txt", tmp_path / "pickled.pt", tiny_npz):
+    for path in (tmp_path / "notes.txt", tiny_npz):
         assert refused(cli("--data", tiny_npz, "--load", str(path)), "not a checkpoint written by train.py --save")
+    r = cli("--data", tiny_npz, "--load", str(tmp_path / "pickled.pt"), process=True)   # a process of its own, once
+    assert refused(r, "not a checkpoint written by train.py --save")
 
 
 def test_help_shows_each_default_zero_included():
