@@ -368,3 +368,25 @@ def test_the_paper_experiments_cpu_commands_run_as_written(tmp_path):
     assert m["config"]["preset"] == "paper" and m["config"]["optimizer"] == "sgd" and "best_val_epoch" in m["final"]
     assert m["config"]["model"]["modalities"] == {"audio": [512, 256], "visual": [588, 768]}   # the authors' tokens
     assert torch.load(tmp_path / "runs" / "ks-tiny-run" / "ckpt.pt", weights_only=True)["epoch"] == 2
+
+
+def test_trajectory_prints_a_rows_seed_means_epoch_by_epoch_from_study_json(tmp_path):
+    def record(epoch, seed):
+        gap = {"frechet": 10.0 * epoch + seed, "fisher": 0.1, "cos": {"audio": 0.3, "visual": 0.1 * seed},
+               "cos_overlap": 0.5}
+        return {"epoch": epoch, "test_acc": 0.5 + 0.01 * epoch, "air": -0.2 * seed, "key_gap": 1.0,
+                "attention": {"audio": 0.6, "visual": 0.4}, "gap": {"train": gap, "test": gap}}
+    runs = {"default": {"attention (vanilla)": [{"epochs": [record(e, s) for e in range(1, 13)]} for s in (0, 1)],
+                        "concat": [{"epochs": [{"epoch": e, "test_acc": 0.7} for e in range(1, 13)]}] * 2}}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps({"runs": runs, "report": {"tables": {"default": {"favoured": "audio"}}}}))
+    r = cli(str(path), module="experiments.trajectory")
+    lines = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert r.returncode == 0 and [line.split(" | ")[0] for line in lines[1:]] == \
+        ["| " + e for e in ("1", "2", "3", "4", "5", "10", "12")]
+    assert lines[6] == "| 10 | 0.600 | 0.600 | -0.100 | 1.000 | 100.500 | 0.100 | 0.250 | 0.500 |"   # seed means
+    concat = cli(str(path), "--row", "concat", module="experiments.trajectory").stdout.splitlines()
+    assert "| 1 | 0.700 | - | - | - | - | - | - | - |" in concat                # no attention, no keys: "-"
+    assert refused(cli(str(path), "--row", "nosuch", module="experiments.trajectory"), "no row 'nosuch'")
+    assert refused(cli(str(tmp_path / "none.json"), module="experiments.trajectory"), "No such file")
+    assert refused(cli(os.path.join(ROOT, "README.md"), module="experiments.trajectory"), "not a study.json")
