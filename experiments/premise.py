@@ -3,6 +3,7 @@ concat and unimodal runs only (never a RollingQ run), over candidate sets in a d
 
     python -m experiments.premise --out runs/premise                  # the declared search, until one passes
     python -m experiments.premise --out runs/premise --candidates 2   # some of them
+    python -m experiments.premise --study runs/study-closest/study.json   # the gates on a study's own runs
 
 Each candidate is a noisy AV digits set built by experiments/avdigits_noisy.py (SNR range, PCA
 k) and a training length and width; per seed (the seed also re-pairs images with recordings,
@@ -26,7 +27,7 @@ import train
 from experiments import environment, run_file
 from experiments.avdigits_noisy import SOURCE, build
 from experiments.avdigits import write_and_report
-from experiments.study import correct_per_sample, paired, warm_start
+from experiments.study import correct_per_sample, paired, unimodal_regime, warm_start
 
 # docs/premise.md, section 2: the candidates. Round 1 (1-5) builds sets; round 2 (6-8) gives one
 # encoder a head start on the shipped noisy set. 2-5 are not run (the page says why): by default
@@ -154,6 +155,30 @@ def search(numbers, out, source, log=print):
     return report
 
 
+def study_gates(path):
+    """The gates read on a study's own runs (python -m experiments.study --out DIR: DIR/study.json),
+    every seed: per regime its vanilla and concat rows and the unimodal runs of its premise regime.
+    The data must carry the test SNR (avdigits-noisy, or an .npz with side_test_snr)."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        runs, regimes = saved["runs"], list(saved["report"]["tables"])
+    except OSError as e:
+        raise train.UsageError(f"--study {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError):
+        raise train.UsageError(f"--study {path}: not a study.json written by python -m experiments.study") from None
+    report = {}
+    for regime in regimes:
+        vanilla, unimodal = runs[regime]["attention (vanilla)"], runs[unimodal_regime(regime)]
+        name = vanilla[0]["config"]["data"]
+        side = datasets.load(name, 0)
+        if "snr" not in side.side:
+            raise train.UsageError(f"--study {path}: its data {name} holds no per-sample SNR for gate (a)")
+        kinds = {"audio alone": unimodal["unimodal audio"], "visual alone": unimodal["unimodal visual"],
+                 "concat": runs[regime]["concat"], "vanilla": vanilla}
+        report[regime] = {"candidate": f"{name}, study regime {regime!r}", **gates(kinds, side.side["snr"]["test"])}
+    return report
+
+
 def described(c):
     """A candidate in words, for the table."""
     data = c["data"] if "data" in c else f"SNR {c['snr'][0]:g}..{c['snr'][1]:g} dB, k {c['k']}"
@@ -181,12 +206,19 @@ def table(report):
 def main(argv=None):
     p = train.ArgumentParser(prog="python -m experiments.premise", description="The premise gates (docs/premise.md) "
                              "on vanilla, concat and unimodal runs, over the declared candidate sets in order.")
-    p.add_argument("--out", required=True, help="folder for the candidate sets, the runs and the gate table")
+    p.add_argument("--out", help="folder for the candidate sets, the runs and the gate table (needed for the search)")
+    p.add_argument("--study", metavar="STUDY_JSON", help="instead of the search, read the gates on a study's own "
+                   "vanilla, concat and unimodal runs, every seed (python -m experiments.study --out DIR: DIR/study.json)")
     p.add_argument("--candidates", default=",".join(map(str, SEARCH)), metavar="N,M",
                    help="which candidates, in order, stopping at the first that passes (default: %(default)s, "
                    "docs/premise.md says why not 2-5)")
     p.add_argument("--source", default=str(SOURCE), help="the raw sources' folder (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.study:
+        print(table(study_gates(args.study)))
+        return
+    if not args.out:
+        raise train.UsageError("--out DIR is needed for the search (or --study STUDY_JSON to read a study's gates)")
     try:
         numbers = [int(n) for n in args.candidates.split(",")]
         assert all(n in CANDIDATES for n in numbers)

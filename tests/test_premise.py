@@ -135,3 +135,30 @@ def test_a_head_start_trains_the_named_encoder_alone_and_leaves_the_other_as_bui
     assert list(record["test_acc"]) == ["audio"] and record["recipe"]["epochs"] == 2
     moved = [any(not torch.equal(v, b[k]) for k, v in enc.state_dict().items()) for enc, b in zip(model.encoders, before)]
     assert moved == [True, False]
+
+
+def test_a_studys_gates_read_its_vanilla_concat_and_its_premise_regimes_unimodal_runs(tmp_path):
+    import json
+
+    import numpy as np
+
+    from experiments import study
+    from experiments.premise import study_gates
+    g = np.random.default_rng(0)
+    data = tmp_path / "snr.npz"
+    np.savez(data, train_y=g.integers(0, 3, 40), test_y=g.integers(0, 3, N),
+             train_audio=g.standard_normal((40, 4, 5)), test_audio=g.standard_normal((N, 4, 5)),
+             train_visual=g.standard_normal((40, 6)), test_visual=g.standard_normal((N, 6)),
+             side_train_snr=g.standard_normal(40), side_test_snr=SNR.numpy())
+    runs = passing()
+    for r in runs["vanilla"]:
+        r["config"] = {"data": str(data)}
+    saved = {"report": {"tables": {study.CLOSEST: {}}},
+             "runs": {study.CLOSEST: {"concat": runs["concat"], "attention (vanilla)": runs["vanilla"]},
+                      "default": {"unimodal audio": runs["audio alone"], "unimodal visual": runs["visual alone"]}}}
+    (tmp_path / "study.json").write_text(json.dumps(saved))
+    report = study_gates(tmp_path / "study.json")
+    assert passed(report[study.CLOSEST]) == list("abcde") and report[study.CLOSEST]["seeds"] == 3
+    saved["runs"][study.CLOSEST]["concat"] = runs["vanilla"]      # concat no better than vanilla: (d) fails
+    (tmp_path / "study.json").write_text(json.dumps(saved))
+    assert passed(study_gates(tmp_path / "study.json")[study.CLOSEST]) == list("abce")
