@@ -162,3 +162,22 @@ def test_a_studys_gates_read_its_vanilla_concat_and_its_premise_regimes_unimodal
     saved["runs"][study.CLOSEST]["concat"] = runs["vanilla"]      # concat no better than vanilla: (d) fails
     (tmp_path / "study.json").write_text(json.dumps(saved))
     assert passed(study_gates(tmp_path / "study.json")[study.CLOSEST]) == list("abce")
+
+
+def test_the_speaker_head_start_trains_on_each_recordings_speaker_in_the_sets_order():
+    import data as datasets
+    from experiments.avdigits import SPEAKERS, SOURCE, recordings_split
+    from experiments.premise import on_speakers, speakers
+    d = datasets.avdigits_noisy(1)
+    seen = []
+    on_speakers(lambda model, xs, y, test_xs, test_y: seen.append((y, test_y)), d)(None, d.train_x, d.train_y,
+                                                                                    d.test_x, d.test_y)
+    (train_speaker, test_speaker), = seen
+    assert len(train_speaker) == 2400 and len(test_speaker) == 600 and set(train_speaker.tolist()) == set(range(6))
+    assert [int((train_speaker == s).sum()) for s in range(6)] == [400] * 6     # 10 digits x 40 recordings each
+    if SOURCE.exists():                                                           # the build's own listing
+        recordings, is_test = recordings_split()
+        assert train_speaker.tolist() == [SPEAKERS.index(s) for (_, s, _), t in zip(recordings, is_test) if not t]
+    d.train_y = d.train_y.flip(0)                                                 # not the box's order: refused
+    with pytest.raises(Exception, match="order of recordings"):
+        speakers(d)
