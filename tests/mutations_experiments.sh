@@ -1,6 +1,7 @@
 #!/bin/bash
 # One-line changes of experiments/: the study's statistics and measures (each must make
-# test_experiments.py fail) and the noisy set's build (test_avdigits_noisy.py).
+# test_experiments.py fail), the noisy set's build (test_avdigits_noisy.py) and the premise
+# search (test_premise.py).
 # bash tests/mutations_experiments.sh (about a minute a change of the first kind, seconds one of the
 # second). Each change is made to a copy of the repository in a fresh temporary folder; the
 # repository's files are never edited.
@@ -57,4 +58,9 @@ run "gate (d): the interval's lower end" $P '"holds": d["ci"][0] > 0}' '"holds":
 run "gate (e): at most 0.90 alone" $P "0.55 <= mean[k] <= 0.90" "0.55 <= mean[k] <= 1.0" $T
 run "gate (e): concat 3 points above" $P "mean[\"concat\"] >= better + 0.03" "mean[\"concat\"] >= better" $T
 run "a head start trains the named encoder alone" $S "            if modalities is not None and name not in modalities:" "            if False:" $T
+run "a study's gates read its own concat row" $P '"concat": runs[regime]["concat"], "vanilla": vanilla}' '"concat": vanilla, "vanilla": vanilla}' $T
+run "the speaker head start trains on the speaker" $P 'hook(model, xs, labels["train"], test_xs, labels["test"])' 'hook(model, xs, y, test_xs, test_y)' $T
+run "the speakers in the sets' order" $P 'for d in range(10) for s in range(len(SPEAKERS)) for i in range(50)]' 'for d in range(10) for i in range(50) for s in range(len(SPEAKERS))]' $T
+run "the closest setting's head start: audio alone" $S '    head = [run_args.head_start] if' '    head = None if' tests/test_experiments.py
+run "a trajectory's cell: the mean over seeds" experiments/trajectory.py 'statistics.mean(v[c] for v in values)' 'values[0][c]' tests/test_experiments.py
 exit $status

@@ -175,6 +175,7 @@ def test_the_speaker_head_start_trains_on_each_recordings_speaker_in_the_sets_or
     (train_speaker, test_speaker), = seen
     assert len(train_speaker) == 2400 and len(test_speaker) == 600 and set(train_speaker.tolist()) == set(range(6))
     assert [int((train_speaker == s).sum()) for s in range(6)] == [400] * 6     # 10 digits x 40 recordings each
+    assert train_speaker[:240].tolist() == [s for s in range(6) for _ in range(40)]   # by speaker within a digit
     if SOURCE.exists():                                                           # the build's own listing
         recordings, is_test = recordings_split()
         assert train_speaker.tolist() == [SPEAKERS.index(s) for (_, s, _), t in zip(recordings, is_test) if not t]
