@@ -63,4 +63,13 @@ run "the speaker head start trains on the speaker" $P 'hook(model, xs, labels["t
 run "the speakers in the sets' order" $P 'for d in range(10) for s in range(len(SPEAKERS)) for i in range(50)]' 'for d in range(10) for i in range(50) for s in range(len(SPEAKERS))]' $T
 run "the closest setting's head start: audio alone" $S '    head = [run_args.head_start] if' '    head = None if' tests/test_experiments.py
 run "a trajectory's cell: the mean over seeds" experiments/trajectory.py 'statistics.mean(v[c] for v in values)' 'values[0][c]' tests/test_experiments.py
+T=tests/test_measures.py; K=experiments/control.py
+run "Fréchet: the cross term counts twice" $M "trace(c_b) - 2 * cross" "trace(c_b) - cross" $T
+run "Fisher: both spreads" $M "/ (total_variance(a) + total_variance(b))" "/ (total_variance(a) + 1)" $T
+run "permutation p: shuffles at least as large" $M "(torch.cat(null) >= value)" "(torch.cat(null) <= value)" $T
+run "histogram overlap: the smaller of the two" $M "torch.minimum(p_a / p_a.sum()" "torch.maximum(p_a / p_a.sum()" $T
+run "update share: each step's change" $M "(a - b).norm() for a, b in zip(now, self.before)" "a.norm() for a, b in zip(now, self.before)" $T
+run "slope: cov over the variance of x" $M "float(x @ y / (x @ x))" "float(x @ y / (y @ y))" $T
+run "uniform control: 1 / T" $K "v.new_full((B, self.n_heads, 1, T), 1 / T)" "v.new_full((B, self.n_heads, 1, T), 1 / (T - 1))" $T
+run "uniform control: vanilla's initialisation" $K "    model.fusion.load_state_dict(fusion.state_dict())" "    pass" $T
 exit $status
