@@ -386,7 +386,7 @@ class Stored:
     corruption (corrupted()). Rows are read with positioned reads, not through a memory map,
     whose touched pages would count toward the process's resident memory until the end."""
 
-    rows_at_once = 64                 # the most rows an evaluation reads at once (train.evaluate, the measures)
+    rows_at_once = 64                 # the most rows an evaluation reads at once (rows_per_batch)
 
     def __init__(self, path, spec, rows=None, device="cpu", noise=None):
         header = np.load(path, mmap_mode="r")                         # the header only: no row is read
@@ -438,6 +438,11 @@ class Stored:
             mu = s1 / len(self)
             self.moments = mu.float(), (s2 / len(self) - mu.square()).clamp(min=0).sqrt().float()
         return self.moments
+
+
+def rows_per_batch(x, batch_size):
+    """An evaluation's batch size for x: batch_size, or fewer for a data folder's modality (its reads)."""
+    return min(batch_size, getattr(x, "rows_at_once", batch_size))
 
 
 def tokens(x, spec):

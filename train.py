@@ -143,7 +143,7 @@ def evaluate(model, xs, y, names, batch_size=512, per_sample=False):
     return each sample's attention share per modality, (N, M) (None for concat)."""
     model.eval()
     attention = hasattr(model, "fusion")
-    batch_size = min(batch_size, getattr(xs[0], "rows_at_once", batch_size))   # a data folder's modality: its reads
+    batch_size = datasets.rows_per_batch(xs[0], batch_size)
     correct, probe_correct, shares, cos, keys = 0, 0, [], 0, 0
     for i in range(0, len(y), batch_size):
         out = model([x[i:i + batch_size] for x in xs], stats=attention)

@@ -108,7 +108,7 @@ def encoder_features(encoder, x, batch_size=512):
     """A frozen encoder's features of x (N, L, D): its CLS token (N, C) and the mean of its other
     output tokens (N, C), the ones the fusion attends over besides the CLS."""
     encoder.eval()
-    batch_size = min(batch_size, getattr(x, "rows_at_once", batch_size))   # a data folder's modality: its reads
+    batch_size = datasets.rows_per_batch(x, batch_size)
     z = torch.cat([encoder(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).double()   # (N, T_m, C)
     encoder.train()
     return {"cls": z[:, 0], "tokens": z[:, 1:].mean(1)} if encoder.cls is not None else {"tokens": z.mean(1)}

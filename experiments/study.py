@@ -187,7 +187,7 @@ def data_file(name):
 def correct_per_sample(model, xs, y, batch_size=512):
     """'0'/'1' per test sample: whether the model gets it right."""
     model.eval()
-    batch_size = min(batch_size, getattr(xs[0], "rows_at_once", batch_size))   # a data folder's modality: its reads
+    batch_size = datasets.rows_per_batch(xs[0], batch_size)
     right = torch.cat([model([x[i:i + batch_size] for x in xs]).logits.argmax(-1) == y[i:i + batch_size]
                        for i in range(0, len(y), batch_size)])
     return "".join("1" if r else "0" for r in right.tolist())
