@@ -7,9 +7,10 @@ Reads what the study already measured after every epoch (train.run's epoch recor
 measures.EpochMeasures: docs/premise.md, section 3) and prints, per regime and row, the mean
 over seeds at epochs 1-5 and every 5th after: the test accuracy, the favoured modality's share of
 the CLS attention, AIR (the last training batch's, as the roll reads it), key_gap (1 - cos of the
-mean keys), and on the test tokens the Fréchet distance and Fisher ratio between the two
-modalities' fusion keys and the gap as the query sees it, mean cos(R q, k) of audio's tokens minus
-visual's, and the overlap of those two cos histograms. Trains nothing.
+mean keys), and on the test tokens the Fréchet distance and Fisher ratio between the
+modalities' fusion keys and the gap as the query sees it, mean cos(R q, k) of the favoured
+modality's tokens minus the other modalities' (their mean), and the overlap of the cos
+histograms. Trains nothing.
 """
 
 import json
@@ -23,11 +24,12 @@ COLUMNS = ("test acc", "share", "AIR", "key_gap", "Fréchet", "Fisher", "cos gap
 def epoch_values(record, favoured):
     """One epoch's record -> the columns' values (the key measures None where the row has none)."""
     gap = record.get("gap", {}).get("test")
-    cos = gap["cos"] if gap else None
+    cos = gap["cos"] if gap else None                                 # modality -> mean cos(R q, k) of its tokens
+    others = [c for m, c in cos.items() if m != favoured] if cos else None
     return {"test acc": record["test_acc"], "share": record.get("attention", {}).get(favoured),
             "AIR": record.get("air"), "key_gap": record.get("key_gap"),
             "Fréchet": gap and gap["frechet"], "Fisher": gap and gap["fisher"],
-            "cos gap": cos and cos["audio"] - cos["visual"], "cos overlap": gap and gap["cos_overlap"]}
+            "cos gap": cos and cos[favoured] - statistics.mean(others), "cos overlap": gap and gap["cos_overlap"]}
 
 
 def shown_epochs(n):

@@ -390,3 +390,6 @@ def test_trajectory_prints_a_rows_seed_means_epoch_by_epoch_from_study_json(tmp_
     assert refused(cli(str(path), "--row", "nosuch", module="experiments.trajectory"), "no row 'nosuch'")
     assert refused(cli(str(tmp_path / "none.json"), module="experiments.trajectory"), "No such file")
     assert refused(cli(os.path.join(ROOT, "README.md"), module="experiments.trajectory"), "not a study.json")
+    from experiments.trajectory import epoch_values                  # any modalities: the favoured minus the others
+    gap = {"frechet": 1.0, "fisher": 0.1, "cos": {"speech": 0.5, "image": 0.2, "text": 0.0}, "cos_overlap": 0.5}
+    assert epoch_values({"test_acc": 0.5, "gap": {"test": gap}}, "speech")["cos gap"] == pytest.approx(0.4)
